@@ -1,0 +1,120 @@
+"""The engine facade: a loaded model, its tokenizer and a KV cache, plus a static batch loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import InputError, QaaError
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams
+from engine.steps import Sequence, decode, prefill
+from engine.tokenizer import Tokenizer
+from engine.weights import resolve_model_dir, load_model
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise QaaError(f"device {device!r} is not one of auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QaaError("device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise QaaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+class Engine:
+    """Owns the frozen model on one device, its tokenizer and a slot KV cache."""
+
+    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
+                 max_batch: int = 8, max_seq_len: int | None = None):
+        t0 = time.perf_counter()
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model_dir = resolve_model_dir(model)
+        self.model = load_model(self.model_dir, self.device, self.dtype)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.cfg = self.model.cfg
+        self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
+        self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def name(self) -> str:
+        return self.model_dir.name
+
+    def encode_prompt(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """Token ids for a text prompt, or for chat messages rendered by the chat template."""
+        if chat or isinstance(prompt, list):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            for m in messages:
+                _check_text(m.get("content", "") if isinstance(m, dict) else "")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            _check_text(prompt)
+            ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise InputError(f"prompt has {len(ids)} tokens; the context holds at most {self.max_seq_len - 1} prompt tokens")
+        return ids
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, start: int = 0) -> Sequence:
+        if not prompt_ids:
+            raise InputError("prompt is empty")
+        return Sequence(prompt_ids, params, self.tokenizer, start=start, max_len=self.max_seq_len)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], chat: bool = False) -> list[Completion]:
+        """Complete every prompt, `max_batch` at a time, each row with its own parameters."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.new_sequence(self.encode_prompt(p, chat), sp) for p, sp in zip(prompts, params)]
+        for i in range(0, len(seqs), self.cache.n_slots):
+            self.run(seqs[i : i + self.cache.n_slots])
+        return [Completion(s.text, s.out_ids, s.finish_reason, len(s.prompt_ids)) for s in seqs]
+
+    def run(self, seqs: list[Sequence]) -> None:
+        """Static batching: prefill together, decode until every row has finished."""
+        for s in seqs:
+            s.slot = self.cache.alloc()
+        try:
+            prefill(self.model, self.cache, seqs)
+            running = [s for s in seqs if not s.finished]
+            while running:
+                decode(self.model, self.cache, running)
+                running = [s for s in running if not s.finished]
+        finally:
+            for s in seqs:
+                self.cache.free(s.slot)
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise InputError("prompt must be text")
+    if not text:
+        raise InputError("prompt is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("prompt is not valid UTF-8") from None

@@ -1,0 +1,60 @@
+"""Slot KV cache: one fixed-length slot per running sequence, rows at independent positions."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values for `n_slots` sequences of up to `max_seq` positions each.
+
+    k[layer], v[layer]: (n_slots, n_kv_heads, max_seq, head_dim). A sequence owns one slot from
+    admission to finish; its token at position p lives at index p of its slot, so a decode step
+    mixes rows at any positions. Slots are handed out by `alloc` and returned by `free`.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_seq: int, device="cpu", dtype=torch.float32):
+        shape = (n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.n_slots, self.max_seq = n_slots, max_seq
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV slot")
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def write(self, layer: int, rows, pos, k, v):
+        # rows (B,), pos (B, T), k/v (B, Hkv, T, hd) -> slot rows[b], index pos[b, t]
+        B, T = pos.shape
+        r = rows[:, None].expand(B, T).reshape(-1)
+        p = pos.reshape(-1)
+        self.k[layer][r, :, p] = k.transpose(1, 2).reshape(B * T, *k.shape[1:2], k.shape[3])
+        self.v[layer][r, :, p] = v.transpose(1, 2).reshape(B * T, *v.shape[1:2], v.shape[3])
+
+    def read(self, layer: int, rows, length: int):
+        # -> k, v (B, Hkv, length, hd); slice before gathering so only `length` positions copy
+        return (
+            self.k[layer][:, :, :length].index_select(0, rows),
+            self.v[layer][:, :, :length].index_select(0, rows),
+        )
+
+    def write_prefix(self, slot: int, layer: int, k, v):
+        """Place (Hkv, P, hd) keys/values at positions 0..P-1 of a slot (prefix tuning)."""
+        P = k.shape[1]
+        self.k[layer][slot, :, :P] = k
+        self.v[layer][slot, :, :P] = v
+
+    def usage(self) -> float:
+        """Share of slots in use."""
+        return 1.0 - len(self._free) / self.n_slots

@@ -1,0 +1,130 @@
+"""Sequences and the two step functions that advance them: prefill and decode.
+
+A scheduler (the CLI's static loop, or the server's continuous batcher) decides which
+sequences run in a step; these functions run one forward for all of them, whatever their
+lengths and positions, sample one token per row and update each sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams, sample
+from engine.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Sequence:
+    """One request's state from admission to finish."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    slot: int = -1
+    """KV cache slot, -1 until admitted."""
+    start: int = 0
+    """Cache positions taken before the prompt (a prefix adapter's virtual tokens)."""
+    max_len: int = 0
+    """Last cache position + 1 this sequence may reach."""
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    """None while running; then 'stop' (EOS or stop string), 'length' or 'cancelled'."""
+    seams_row: object = None
+    """Per-row adapter routing handed to the seams (the adapter's slots), if any."""
+
+    def __post_init__(self):
+        self.decoder = StreamDecoder(self.tokenizer)
+        self.generator = None
+        self.history = None  # (N,) prompt + output ids, only kept for repetition penalty
+
+    @property
+    def pos(self) -> int:
+        """Cache position of the next token fed to the model."""
+        return self.start + len(self.prompt_ids) + len(self.out_ids) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> str:
+        """Add a sampled token; return the text it makes visible (stop strings held back)."""
+        self.out_ids.append(token)
+        if self.history is not None:
+            self.history = torch.cat([self.history, self.history.new_tensor([token])])
+        p = self.params
+        if token in self.tokenizer.eos_ids and not p.ignore_eos:
+            self.finish_reason = "stop"
+            return self._flush()
+        self._pending = getattr(self, "_pending", "") + self.decoder.push(token)
+        for s in p.stop:
+            i = (self.text + self._pending).find(s, max(0, len(self.text) - len(s)))
+            if i >= 0:
+                self._pending = (self.text + self._pending)[len(self.text) : i]
+                self.finish_reason = "stop"
+                return self._flush()
+        if len(self.out_ids) >= p.max_new_tokens or self.pos + 1 >= self.max_len:
+            self.finish_reason = "length"
+            return self._flush()
+        # hold back a tail that could be the start of a stop string
+        hold = max((_overlap(self._pending, s) for s in p.stop), default=0)
+        emit = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(emit) :]
+        self.text += emit
+        return emit
+
+    def _flush(self) -> str:
+        emit = getattr(self, "_pending", "")
+        self._pending = ""
+        self.text += emit
+        return emit
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def _rows(seqs, device):
+    return torch.tensor([s.slot for s in seqs], device=device)
+
+
+def _sample_into(seqs, logits) -> list[str]:
+    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs])
+    return [s.append(t) for s, t in zip(seqs, toks.tolist())]
+
+
+@torch.inference_mode()
+def prefill(model, cache: KVCache, seqs: list[Sequence], seams=None) -> list[str]:
+    """Run every prompt of `seqs` (right-padded into one batch) and sample its first token."""
+    dev = cache.k[0].device
+    T = max(len(s.prompt_ids) for s in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        if s.generator is None:
+            s.generator = s.params.make_generator(dev)
+        if s.params.repetition_penalty != 1.0 and s.history is None:
+            s.history = torch.tensor(s.prompt_ids, device=dev)
+    starts = torch.tensor([s.start for s in seqs])
+    # pad positions run past each prompt; their keys land beyond any query of that row
+    pos = (starts[:, None] + torch.arange(T)[None, :]).to(dev)
+    last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
+    logits = model(tokens.to(dev), pos, cache, _rows(seqs, dev), seams, last=last)  # (B, V)
+    return _sample_into(seqs, logits)
+
+
+@torch.inference_mode()
+def decode(model, cache: KVCache, seqs: list[Sequence], seams=None) -> list[str]:
+    """Feed each sequence's last token at its own position and sample the next one."""
+    dev = cache.k[0].device
+    tokens = torch.tensor([[s.out_ids[-1]] for s in seqs], device=dev)  # (B, 1)
+    pos = torch.tensor([[s.pos] for s in seqs], device=dev)  # (B, 1)
+    logits = model(tokens, pos, cache, _rows(seqs, dev), seams, last=torch.zeros(len(seqs), dtype=torch.long, device=dev))
+    return _sample_into(seqs, logits)
