@@ -71,11 +71,11 @@ class Engine:
         if chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             for m in messages:
-                _check_text(m.get("content", "") if isinstance(m, dict) else "")
+                check_prompt_text(m.get("content", "") if isinstance(m, dict) else "")
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
-            _check_text(prompt)
+            check_prompt_text(prompt)
             ids = self.tokenizer.encode(prompt)
         if len(ids) >= self.max_seq_len:
             raise InputError(f"prompt has {len(ids)} tokens; the context holds at most {self.max_seq_len - 1} prompt tokens")
@@ -109,7 +109,7 @@ class Engine:
                 self.cache.free(s.slot)
 
 
-def _check_text(text) -> None:
+def check_prompt_text(text) -> None:
     if not isinstance(text, str):
         raise InputError("prompt must be text")
     if not text:

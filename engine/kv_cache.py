@@ -44,10 +44,20 @@ class KVCache:
 
     def read(self, layer: int, rows, length: int):
         # -> k, v (B, Hkv, length, hd); slice before gathering so only `length` positions copy
+        if self._contiguous(rows):
+            r0 = int(rows[0])
+            return self.k[layer][r0 : r0 + len(rows), :, :length], self.v[layer][r0 : r0 + len(rows), :, :length]
         return (
             self.k[layer][:, :, :length].index_select(0, rows),
             self.v[layer][:, :, :length].index_select(0, rows),
         )
+
+    def _contiguous(self, rows) -> bool:
+        # cached per rows tensor: one device->host sync per forward, not one per layer
+        if getattr(self, "_rows_seen", None) is not rows:
+            r = rows.tolist()
+            self._rows_seen, self._rows_contig = rows, r == list(range(r[0], r[0] + len(r)))
+        return self._rows_contig
 
     def write_prefix(self, slot: int, layer: int, k, v):
         """Place (Hkv, P, hd) keys/values at positions 0..P-1 of a slot (prefix tuning)."""

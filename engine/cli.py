@@ -1,0 +1,66 @@
+"""`qaa-generate`: complete one prompt with the engine and print the completion only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="qaa-generate", description=__doc__)
+    ap.add_argument("--prompt", required=True, help="prompt text, or - to read UTF-8 from stdin")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--model", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    return ap.parse_args(argv)
+
+
+def read_prompt(arg: str) -> str:
+    if arg == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            from engine.errors import InputError
+
+            raise InputError("prompt on stdin is not valid UTF-8") from None
+    return arg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.errors import QaaError
+
+    try:
+        from engine.engine import Engine, check_prompt_text
+        from engine.sampling import SamplingParams
+
+        prompt = read_prompt(args.prompt)
+        check_prompt_text(prompt)  # before the model loads: bad input fails fast
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        )
+        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=1)
+        out = engine.generate([prompt], params, chat=args.chat)[0]
+    except QaaError as e:
+        print(f"qaa-generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    sys.stdout.write(out.text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
