@@ -19,6 +19,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--model", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
     return ap.parse_args(argv)
@@ -38,6 +39,7 @@ def read_prompt(arg: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from adapters.base import AdapterError
     from engine.errors import QaaError
 
     try:
@@ -50,9 +52,13 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
         )
-        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=1)
-        out = engine.generate([prompt], params, chat=args.chat)[0]
-    except QaaError as e:
+        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=1, max_adapters=1)
+        name = None
+        if args.adapter:
+            name = "cli"
+            engine.load_adapter(name, args.adapter)
+        out = engine.generate([prompt], params, chat=args.chat, adapters=[name])[0]
+    except (QaaError, AdapterError) as e:
         print(f"qaa-generate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -119,6 +119,13 @@ class ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{p} is not valid JSON: {e}") from None
 
+    def shape(self):
+        """The base-model facts adapters need."""
+        from adapters.base import BaseShape
+
+        return BaseShape(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
+                         self.intermediate_size, self.n_params())
+
     def n_params(self) -> int:
         """Parameter count of the base model (what HF's num_parameters reports)."""
         d, hd = self.dim, self.head_dim

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.adapter_slots import AdapterSlots, Handle
 from engine.errors import InputError, QaaError
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
@@ -50,7 +51,7 @@ class Engine:
     """Owns the frozen model on one device, its tokenizer and a slot KV cache."""
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                 max_batch: int = 8, max_seq_len: int | None = None):
+                 max_batch: int = 8, max_seq_len: int | None = None, max_adapters: int = 8):
         t0 = time.perf_counter()
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -60,6 +61,8 @@ class Engine:
         self.cfg = self.model.cfg
         self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
+        self.shape = self.cfg.shape()
+        self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -81,15 +84,27 @@ class Engine:
             raise InputError(f"prompt has {len(ids)} tokens; the context holds at most {self.max_seq_len - 1} prompt tokens")
         return ids
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, start: int = 0) -> Sequence:
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
+        """A sequence for the base model or for a loaded adapter (its name)."""
         if not prompt_ids:
             raise InputError("prompt is empty")
-        return Sequence(prompt_ids, params, self.tokenizer, start=start, max_len=self.max_seq_len)
+        h: Handle | None = self.adapters.get(adapter) if adapter is not None else None
+        start = h.virtual_tokens if h is not None else 0
+        if start + len(prompt_ids) >= self.max_seq_len:
+            raise InputError(f"prompt has {len(prompt_ids)} tokens (+{start} virtual); the context holds {self.max_seq_len}")
+        return Sequence(prompt_ids, params, self.tokenizer, start=start, max_len=self.max_seq_len, adapter=h)
 
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], chat: bool = False) -> list[Completion]:
-        """Complete every prompt, `max_batch` at a time, each row with its own parameters."""
+    def load_adapter(self, name: str, source) -> Handle:
+        """Load an adapter directory (or an adapters.base.Adapter) under `name`."""
+        return self.adapters.load(name, source)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], chat: bool = False,
+                 adapters: list[str | None] | None = None) -> list[Completion]:
+        """Complete every prompt, `max_batch` at a time; row i uses its own parameters and the
+        loaded adapter adapters[i] (None = base model), whatever the adapters' types."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.new_sequence(self.encode_prompt(p, chat), sp) for p, sp in zip(prompts, params)]
+        adapters = adapters or [None] * len(prompts)
+        seqs = [self.new_sequence(self.encode_prompt(p, chat), sp, a) for p, sp, a in zip(prompts, params, adapters)]
         for i in range(0, len(seqs), self.cache.n_slots):
             self.run(seqs[i : i + self.cache.n_slots])
         return [Completion(s.text, s.out_ids, s.finish_reason, len(s.prompt_ids)) for s in seqs]
@@ -97,16 +112,26 @@ class Engine:
     def run(self, seqs: list[Sequence]) -> None:
         """Static batching: prefill together, decode until every row has finished."""
         for s in seqs:
-            s.slot = self.cache.alloc()
+            self.admit(s)
         try:
-            prefill(self.model, self.cache, seqs)
+            prefill(self.model, self.cache, seqs, self.seams_for(seqs))
             running = [s for s in seqs if not s.finished]
             while running:
-                decode(self.model, self.cache, running)
+                decode(self.model, self.cache, running, self.seams_for(running))
                 running = [s for s in running if not s.finished]
         finally:
             for s in seqs:
                 self.cache.free(s.slot)
+
+
+    def admit(self, s: Sequence) -> None:
+        """Give a sequence its KV slot; a prefix adapter's keys/values fill its first positions."""
+        s.slot = self.cache.alloc()
+        if s.adapter is not None and s.adapter.kind == "prefix":
+            self.adapters.write_prefix(self.cache, s.slot, s.adapter)
+
+    def seams_for(self, seqs: list[Sequence]):
+        return self.adapters.seams_for([s.adapter for s in seqs], self.device)
 
 
 def check_prompt_text(text) -> None:

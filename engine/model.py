@@ -6,7 +6,7 @@ state dict and PEFT's adapter keys map onto it without renaming.
 Seams, all optional (`seams=None` is the plain base model):
   seams.linear(layer, name, x, y) -> y'   around every projection (LoRA, SoRA)
   seams.residual(layer, where, h) -> h'   on the residual stream after "attn" / "mlp" (QAA)
-  seams.prefix(layer) -> (k, v) | None    extra keys/values in front of the sequence, used
+  seams.prefix(layer, B) -> (k, v) | None extra keys/values in front of the sequence, used
                                           only without a KV cache (training); served prefixes
                                           live in the cache's first positions instead.
 """
@@ -142,7 +142,7 @@ class Attention(nn.Module):
             cache.write(self.layer, rows, pos, k, v)
             k, v = cache.read(self.layer, rows, mask.shape[-1])  # (B, Hkv, S, hd)
         else:
-            prefix = seams.prefix(self.layer) if seams is not None else None
+            prefix = seams.prefix(self.layer, B) if seams is not None else None
             if prefix is not None:  # (B, Hkv, P, hd) keys/values that every query sees
                 pk, pv = prefix
                 k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
@@ -251,8 +251,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, pos=None, cache=None, rows=None, seams=None, last=None):
         """Logits (B, T, V), or (B, V) at index last[b] of each row when `last` is given."""
-        if pos is None:
-            pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        if pos is None:  # a prefix adapter's virtual tokens take the first positions
+            start = seams.offset if seams is not None else 0
+            pos = (torch.arange(tokens.shape[1], device=tokens.device) + start).expand(tokens.shape[0], -1)
         h = self.hidden(tokens, pos, cache, rows, seams)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)

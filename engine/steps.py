@@ -33,8 +33,8 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     """None while running; then 'stop' (EOS or stop string), 'length' or 'cancelled'."""
-    seams_row: object = None
-    """Per-row adapter routing handed to the seams (the adapter's slots), if any."""
+    adapter: object = None
+    """The adapter's Handle (name, kind, slot), or None for the base model."""
 
     def __post_init__(self):
         self.decoder = StreamDecoder(self.tokenizer)

@@ -1,0 +1,117 @@
+"""What every adapter type shares: the base model's shape, the error type, the type contract.
+
+An adapter in memory is `Adapter(kind, config, tensors)`: its config dataclass and its
+tensors keyed exactly as in `adapter_model.safetensors` (PEFT's keys). Training turns the
+tensors into parameters; serving compiles them into a slot bank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTN_PROJ + MLP_PROJ
+PEFT_PREFIX = "base_model.model.model.layers"
+
+
+class AdapterError(ValueError):
+    """An adapter file, config or tensor is unusable; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """The shape facts of a base model that adapters need (no dependency on the engine)."""
+
+    dim: int
+    """Hidden size d."""
+    n_layers: int
+    """Transformer blocks."""
+    n_heads: int
+    """Query heads."""
+    n_kv_heads: int
+    """Key/value heads."""
+    head_dim: int
+    """Per-head width."""
+    intermediate_size: int
+    """MLP width."""
+    n_params: int
+    """Parameter count of the whole base model (for ratios)."""
+
+    def proj_io(self, proj: str) -> tuple[int, int]:
+        """(in_features, out_features) of a projection."""
+        d, hd, f = self.dim, self.head_dim, self.intermediate_size
+        return {
+            "q_proj": (d, self.n_heads * hd), "k_proj": (d, self.n_kv_heads * hd),
+            "v_proj": (d, self.n_kv_heads * hd), "o_proj": (self.n_heads * hd, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        }[proj]
+
+
+def module_path(layer: int, proj: str) -> str:
+    """PEFT's module path of a projection: base_model.model.model.layers.3.self_attn.q_proj."""
+    block = "self_attn" if proj in ATTN_PROJ else "mlp"
+    return f"{PEFT_PREFIX}.{layer}.{block}.{proj}"
+
+
+@dataclass
+class Adapter:
+    kind: str
+    """Registry key: 'qaa', 'lora', 'sora' or 'prefix'."""
+    config: object
+    """The type's validated config dataclass."""
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weights keyed as in adapter_model.safetensors."""
+    shape: BaseShape | None = None
+    """The base model it was validated against."""
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    """Values derived from the config once (scales, targets); never saved."""
+
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def config_from_dict(cls, d: dict, ignore_if_default: dict | None = None):
+    """Build a config dataclass from JSON: unknown fields and wrong types are errors.
+
+    `ignore_if_default` lists foreign fields (PEFT's) that are accepted only at the given
+    default value, because a non-default value would ask for something not implemented.
+    """
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k in known:
+            kwargs[k] = v
+        elif ignore_if_default is not None and k in ignore_if_default:
+            if v != ignore_if_default[k] and not (v in (None, False, [], {}) and ignore_if_default[k] in (None, False, [], {})):
+                raise AdapterError(f"config field {k}={v!r} is not supported (only {ignore_if_default[k]!r})")
+        else:
+            raise AdapterError(f"unknown config field {k!r} for {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise AdapterError(f"bad config for {cls.__name__}: {e}") from None
+
+
+def check_positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise AdapterError(f"{name} must be a positive integer, got {v!r}")
+
+
+def layers_of(layers, shape: BaseShape) -> list[int]:
+    """Resolve a layers field (None = all, an int, or a list) against the base model."""
+    if layers is None:
+        return list(range(shape.n_layers))
+    out = [layers] if isinstance(layers, int) else list(layers)
+    for i in out:
+        if not isinstance(i, int) or not 0 <= i < shape.n_layers:
+            raise AdapterError(f"layer {i!r} does not exist in a base model of {shape.n_layers} layers")
+    return sorted(set(out))
+
+
+def n_qubits(dim: int) -> int:
+    """ceil(log2 d): the qubits that hold a d-dimensional amplitude embedding."""
+    return max(1, math.ceil(math.log2(dim)))

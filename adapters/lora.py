@@ -1,0 +1,247 @@
+"""LoRA in Hugging Face PEFT's format, and the LoRA slot bank (shared with SoRA).
+
+File keys: `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight` (r, in) and
+`...lora_B.weight` (out, r). Delta for one module: y += (x @ A.T @ B.T) * scale, scale =
+lora_alpha / r (or / sqrt(r) with use_rslora); rank_pattern / alpha_pattern override per module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from adapters.base import (
+    PROJECTIONS, Adapter, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, module_path,
+)
+from adapters.registry import AdapterType, register
+
+ANY = object()
+# PEFT LoraConfig fields we accept only at their defaults (a non-default asks for a feature we lack).
+PEFT_LORA_DEFAULTS = {
+    "exclude_modules": None, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+    "megatron_config": None, "megatron_core": ANY, "trainable_token_indices": None, "loftq_config": {},
+    "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": ANY,
+    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+}
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """Rank of every adapted module unless rank_pattern says otherwise."""
+    lora_alpha: float = 8
+    """Scale numerator: delta is multiplied by lora_alpha / r."""
+    target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Projection names (suffix match) or one regex (full match) over module paths, as in PEFT."""
+    layers_to_transform: list[int] | int | None = None
+    """Only these layer indices (None = every layer)."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module rank overrides: {pattern: r}, PEFT's matching."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module alpha overrides: {pattern: alpha}."""
+    use_rslora: bool = False
+    """Rank-stabilised scale lora_alpha / sqrt(r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input while training; ignored when serving."""
+    task_type: str | None = "CAUSAL_LM"
+    """PEFT metadata; only causal LM is served."""
+    base_model_name_or_path: str | None = None
+    """PEFT metadata: which base model the adapter was trained on."""
+    inference_mode: bool = True
+    """PEFT metadata."""
+    init_lora_weights: bool | str = True
+    """PEFT metadata: how it was initialised."""
+    layers_pattern: str | list | None = None
+    """PEFT metadata for layers_to_transform; our layers are always `layers`."""
+    revision: str | None = None
+    """PEFT metadata."""
+    peft_version: str | None = None
+    """PEFT metadata."""
+    auto_mapping: dict | None = None
+    """PEFT metadata."""
+
+    def __post_init__(self):
+        check_positive_int("r", self.r)
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise AdapterError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.task_type not in (None, "CAUSAL_LM"):
+            raise AdapterError(f"task_type {self.task_type!r} is not served (only CAUSAL_LM)")
+        for k, v in self.rank_pattern.items():
+            check_positive_int(f"rank_pattern[{k!r}]", v)
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+
+
+def parse_lora_like(cls, d: dict):
+    defaults = {k: v for k, v in PEFT_LORA_DEFAULTS.items() if v is not ANY}
+    d = {k: v for k, v in d.items() if not (k in PEFT_LORA_DEFAULTS and PEFT_LORA_DEFAULTS[k] is ANY)}
+    return config_from_dict(cls, d, ignore_if_default=defaults)
+
+
+def _pattern(patterns: dict, key: str):
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return patterns[p]
+    return None
+
+
+def targets(cfg, shape: BaseShape) -> dict[tuple[int, str], tuple[int, float]]:
+    """{(layer, proj): (rank, scale)} for every module the config adapts."""
+    tm = cfg.target_modules
+    if tm is None or tm == []:
+        raise AdapterError("target_modules is empty: name projections such as q_proj, v_proj")
+    if isinstance(tm, str):
+        tm = [tm] if tm in PROJECTIONS else tm
+    used = set()
+    out = {}
+    for layer in layers_of(cfg.layers_to_transform, shape):
+        for proj in PROJECTIONS:
+            key = module_path(layer, proj).removeprefix("base_model.model.")
+            if isinstance(tm, str):
+                hit = re.fullmatch(tm, key)
+            else:  # PEFT: a list entry names a module exactly or by a dotted suffix
+                hits = [t for t in tm if key == t or key.endswith("." + t)]
+                used.update(hits)
+                hit = bool(hits)
+            if not hit:
+                continue
+            r = _pattern(cfg.rank_pattern, key) or cfg.r
+            alpha = _pattern(cfg.alpha_pattern, key) or cfg.lora_alpha
+            out[(layer, proj)] = (r, alpha / math.sqrt(r) if cfg.use_rslora else alpha / r)
+    unused = [t for t in tm if t not in used] if not isinstance(tm, str) else []
+    if unused and cfg.layers_to_transform is None:
+        raise AdapterError(f"target module {unused[0]!r} cannot be adapted (supported: {', '.join(PROJECTIONS)})")
+    if not out:
+        raise AdapterError(f"target_modules {cfg.target_modules!r} match no projection of the base model")
+    return out
+
+
+def scales_of(ad: Adapter) -> dict[tuple[int, str], float]:
+    """{(layer, proj): scale} of a LoRA-family adapter, derived from its config once."""
+    if "scales" not in ad.memo:
+        if ad.shape is None:
+            raise AdapterError("adapter has no base shape attached (load it through adapters.files)")
+        ad.memo["scales"] = {k: sc for k, (r, sc) in targets(ad.config, ad.shape).items()}
+    return ad.memo["scales"]
+
+
+def lora_delta(x, A, B, scale):
+    # x (..., in), A (r, in), B (out, r) -> (..., out)
+    return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * scale
+
+
+@register
+class LoraType(AdapterType):
+    kind, peft_type = "lora", "LORA"
+
+    def parse_config(self, d):
+        return parse_lora_like(LoraConfig, d)
+
+    def config_dict(self, cfg):
+        return asdict(cfg)
+
+    def expected_shapes(self, cfg, shape):
+        out = {}
+        for (layer, proj), (r, _) in targets(cfg, shape).items():
+            i, o = shape.proj_io(proj)
+            out[f"{module_path(layer, proj)}.lora_A.weight"] = (r, i)
+            out[f"{module_path(layer, proj)}.lora_B.weight"] = (o, r)
+        return out
+
+    def init(self, cfg, shape, generator=None):
+        # PEFT's default: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapter starts as identity.
+        out = {}
+        for k, s in self.expected_shapes(cfg, shape).items():
+            if k.endswith("lora_A.weight"):
+                bound = 1 / math.sqrt(s[1])
+                out[k] = (torch.rand(s, generator=generator) * 2 - 1) * bound
+            else:
+                out[k] = torch.zeros(s)
+        return out
+
+    def linear(self, ad, layer, name, x, y):
+        p = module_path(layer, name)
+        A = ad.tensors.get(f"{p}.lora_A.weight")
+        if A is None:
+            return y
+        return y + lora_delta(x, A, ad.tensors[f"{p}.lora_B.weight"], scales_of(ad)[(layer, name)])
+
+    def compiled(self, ad: Adapter):
+        """{(layer, proj): (A (r, in), B*scale (out, r))}: what a LoRA bank slot holds."""
+        sc = scales_of(ad)
+        return {
+            (layer, proj): (ad.tensors[f"{module_path(layer, proj)}.lora_A.weight"],
+                            ad.tensors[f"{module_path(layer, proj)}.lora_B.weight"] * s)
+            for (layer, proj), s in sc.items()
+        }
+
+    def make_bank(self, shape, max_slots, device, dtype):
+        return LoraBank(shape, max_slots, device, dtype)
+
+
+class LoraBank:
+    """Slot bank for LoRA-family adapters (LoRA, and SoRA with its gates folded in).
+
+    For each (layer, proj) that any loaded adapter targets: A (S, r_max, in) and
+    B (S, out, r_max), the scale folded into B; ranks below r_max are zero-padded, which is
+    exact. Slot 0 is never written: all zeros, "no adapter".
+
+    `linear(layer, proj, x, y, route)` has the semantics of this reference loop:
+        for b in range(len(x)):
+            y[b] += x[b] @ A[slots[b]].T @ B[slots[b]].T
+    computed as two batched matmuls over the rows whose slot is not 0 (`route`).
+    """
+
+    def __init__(self, shape: BaseShape, max_slots: int, device, dtype, max_rank: int = 64):
+        self.shape, self.S, self.device, self.dtype, self.max_rank = shape, max_slots, device, dtype, max_rank
+        self.mods: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.owned: dict[int, set] = {}  # slot -> modules it writes
+
+    def _mod(self, key):
+        if key not in self.mods:
+            i, o = self.shape.proj_io(key[1])
+            self.mods[key] = (torch.zeros(self.S, self.max_rank, i, device=self.device, dtype=self.dtype),
+                              torch.zeros(self.S, o, self.max_rank, device=self.device, dtype=self.dtype))
+        return self.mods[key]
+
+    def load(self, slot: int, compiled: dict) -> None:
+        """Copy one adapter's (A, B*scale) per module into `slot` (validated beforehand)."""
+        assert 0 < slot < self.S
+        for key, (A, _) in compiled.items():
+            if A.shape[0] > self.max_rank:
+                raise AdapterError(f"rank {A.shape[0]} exceeds this server's max LoRA rank {self.max_rank}")
+        self.clear(slot)
+        for key, (A, B) in compiled.items():
+            bA, bB = self._mod(key)
+            r = A.shape[0]
+            bA[slot, :r].copy_(A)
+            bB[slot, :, :r].copy_(B)
+        self.owned[slot] = set(compiled)
+
+    def clear(self, slot: int) -> None:
+        for key in self.owned.pop(slot, ()):
+            bA, bB = self.mods[key]
+            bA[slot].zero_()
+            bB[slot].zero_()
+
+    def route(self, slots: torch.Tensor):
+        """Per forward: (slots, rows with an adapter, or None when every row has one)."""
+        active = slots > 0
+        return slots, (None if bool(active.all()) else active.nonzero().flatten())
+
+    def linear(self, layer, name, x, y, route):
+        ab = self.mods.get((layer, name))
+        if ab is None:
+            return y
+        A, B = ab
+        slots, rows = route
+        if rows is None:  # every row has an adapter of this bank
+            return y + torch.bmm(torch.bmm(x, A[slots].transpose(1, 2)), B[slots].transpose(1, 2))
+        s = slots[rows]
+        d = torch.bmm(torch.bmm(x[rows], A[s].transpose(1, 2)), B[s].transpose(1, 2))  # (B', T, out)
+        return y.index_add(0, rows, d)

@@ -1,0 +1,199 @@
+"""QAA: quantum-amplitude embedded adaptation on the residual stream.
+
+For a module at (layer, where), where in {"attn", "mlp"}: h is the residual stream right
+after that sub-block (attention or MLP, residual added). Then
+    z  = <Z> of the circuit on the amplitude embedding of h     (n = ceil(log2 d) qubits)
+    h <- h + W_up z + b                                          (W_up (d, n), zero-initialised)
+File keys: `base_model.model.model.layers.{i}.qaa_{where}.angles` (L, n), `.up.weight` (d, n),
+`.up.bias` (d,) when bias is on; config `"peft_type": "QAA"`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
+from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, embed, expectations
+from adapters.registry import AdapterType, register
+
+PLACES = ("attn", "mlp")
+GRADIENTS = ("autograd", "parameter-shift")
+
+
+@dataclass
+class QAAConfig:
+    circuit_layers: int = 2
+    """L: rotation + CNOT-ring layers of the circuit."""
+    rotation: str = "RX"
+    """RX or RY on every qubit."""
+    placement: list[str] = field(default_factory=lambda: list(PLACES))
+    """After which sub-blocks: "attn", "mlp" or both."""
+    layers_to_transform: list[int] | int | None = None
+    """Which transformer layers (None = all)."""
+    bias: bool = True
+    """Learn a bias b with the up-projection."""
+    gradient: str = "autograd"
+    """How training differentiates the angles: autograd or parameter-shift."""
+    hidden_size: int | None = None
+    """d of the base model (filled in; checked on load)."""
+    n_qubits: int | None = None
+    """ceil(log2 d) (filled in; checked on load)."""
+    task_type: str | None = "CAUSAL_LM"
+    """Only causal LM is served."""
+    base_model_name_or_path: str | None = None
+    """Which base model it was trained on (metadata)."""
+
+    def __post_init__(self):
+        check_positive_int("circuit_layers", self.circuit_layers)
+        if self.rotation not in ROTATIONS:
+            raise AdapterError(f"rotation {self.rotation!r} is not one of {', '.join(ROTATIONS)}")
+        if isinstance(self.placement, str):
+            self.placement = [self.placement]
+        if not self.placement or any(p not in PLACES for p in self.placement):
+            raise AdapterError(f"placement {self.placement!r} must be a non-empty list of {', '.join(PLACES)}")
+        self.placement = [p for p in PLACES if p in self.placement]
+        if self.gradient not in GRADIENTS:
+            raise AdapterError(f"gradient {self.gradient!r} is not one of {', '.join(GRADIENTS)}")
+
+
+def key(layer: int, where: str, name: str) -> str:
+    return f"{PEFT_PREFIX}.{layer}.qaa_{where}.{name}"
+
+
+def modules(cfg: QAAConfig, shape: BaseShape) -> list[tuple[int, str]]:
+    return [(layer, w) for layer in layers_of(cfg.layers_to_transform, shape) for w in cfg.placement]
+
+
+@register
+class QAAType(AdapterType):
+    kind, peft_type = "qaa", "QAA"
+
+    def parse_config(self, d):
+        return config_from_dict(QAAConfig, d)
+
+    def config_dict(self, cfg):
+        return asdict(cfg)
+
+    def check_config(self, cfg, shape):
+        n = n_qubits(shape.dim)
+        if n < 2:
+            raise AdapterError(f"QAA needs a hidden size of at least 3, the base model has {shape.dim}")
+        for k, want in (("hidden_size", shape.dim), ("n_qubits", n)):
+            got = getattr(cfg, k)
+            if got is not None and got != want:
+                raise AdapterError(f"QAA config {k}={got} does not fit the base model ({k}={want})")
+        cfg.hidden_size, cfg.n_qubits = shape.dim, n
+        modules(cfg, shape)
+
+    def expected_shapes(self, cfg, shape):
+        n, d = n_qubits(shape.dim), shape.dim
+        out = {}
+        for layer, w in modules(cfg, shape):
+            out[key(layer, w, "angles")] = (cfg.circuit_layers, n)
+            out[key(layer, w, "up.weight")] = (d, n)
+            if cfg.bias:
+                out[key(layer, w, "up.bias")] = (d,)
+        return out
+
+    def init(self, cfg, shape, generator=None):
+        self.check_config(cfg, shape)
+        out = {}
+        for k, s in self.expected_shapes(cfg, shape).items():
+            # angles as PennyLane's TorchLayer draws them; the up-projection at zero = identity
+            out[k] = torch.rand(s, generator=generator) * 2 * math.pi if k.endswith("angles") else torch.zeros(s)
+        return out
+
+    def residual(self, ad, layer, where, h):
+        theta = ad.tensors.get(key(layer, where, "angles"))
+        if theta is None:
+            return h
+        cfg = ad.config
+        z = (circuit_z_shift if cfg.gradient == "parameter-shift" else circuit_z)(h, theta, cfg.rotation)
+        delta = z @ ad.tensors[key(layer, where, "up.weight")].t().float()
+        if cfg.bias:
+            delta = delta + ad.tensors[key(layer, where, "up.bias")].float()
+        return h + delta.to(h.dtype)
+
+    def compiled(self, ad):
+        """{(layer, where): (c0, c1, W_up, b)} with the circuit compiled once, at load time."""
+        cfg, out = ad.config, {}
+        for layer, w in modules(cfg, ad.shape):
+            c0, c1 = compile_circuit(ad.tensors[key(layer, w, "angles")], cfg.rotation)
+            up = ad.tensors[key(layer, w, "up.weight")]
+            b = ad.tensors[key(layer, w, "up.bias")] if cfg.bias else torch.zeros(up.shape[0])
+            out[(layer, w)] = (c0, c1, up, b)
+        return out, (cfg.rotation, cfg.circuit_layers)
+
+    def make_bank(self, shape, max_slots, device, dtype):
+        return QAABank(shape, max_slots, device)
+
+
+class QAABank:
+    """Slot bank for QAA adapters, grouped by circuit variant (rotation, L).
+
+    Per module (layer, where) and variant: the compiled circuit c0, c1 (S, L, ...) (RX:
+    cos/sin of the diagonal phases; RY: Kronecker factors), W_up (S, d, n) and b (S, d), all
+    fp32 (the circuit's precision does not follow the model's dtype). Slot 0 stays empty.
+
+    `residual(layer, where, h, route)` has the semantics of this reference loop:
+        for b in range(len(h)):
+            s = slots[b]
+            if s and (layer, where) in adapter(s):
+                h[b] = h[b] + W_up[s] @ Z(h[b]; circuit[s]) + b[s]
+    computed for all rows of one variant at once (per-row compiled tensors gathered by slot).
+    """
+
+    def __init__(self, shape: BaseShape, max_slots: int, device):
+        self.shape, self.S, self.device = shape, max_slots, device
+        self.n = n_qubits(shape.dim)
+        self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, c1, up, b]
+        self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
+
+    def load(self, slot: int, compiled) -> None:
+        per_module, variant = compiled
+        assert 0 < slot < self.S
+        self.clear(slot)
+        for (layer, w), tensors in per_module.items():
+            k = (layer, w, variant)
+            if k not in self.mods:
+                self.mods[k] = [torch.zeros(self.S, *t.shape, device=self.device) for t in tensors]
+            for bank_t, t in zip(self.mods[k], tensors):
+                bank_t[slot].copy_(t)
+        self.owned[slot] = (variant, frozenset(per_module))
+
+    def clear(self, slot: int) -> None:
+        variant, mods = self.owned.pop(slot, (None, ()))
+        for layer, w in mods:
+            for t in self.mods[(layer, w, variant)]:
+                t[slot].zero_()
+
+    def route(self, slots: torch.Tensor):
+        """Per forward: {(layer, where): [(variant, rows, slot_ids)]} for the rows that use QAA."""
+        groups: dict = {}
+        by_slot: dict[int, list[int]] = {}
+        for b, s in enumerate(slots.tolist()):
+            if s:
+                by_slot.setdefault(s, []).append(b)
+        for s, rows in by_slot.items():
+            variant, mods = self.owned.get(s, (None, ()))
+            for m in mods:
+                groups.setdefault((m, variant), ([], []))
+                groups[(m, variant)][0].extend(rows)
+                groups[(m, variant)][1].extend([s] * len(rows))
+        route: dict = {}
+        for (m, variant), (rows, sl) in groups.items():
+            route.setdefault(m, []).append((variant, torch.tensor(rows, device=slots.device),
+                                            torch.tensor(sl, device=slots.device)))
+        return route
+
+    def residual(self, layer, where, h, route):
+        for variant, rows, sl in route.get((layer, where), ()):
+            c0, c1, up, b = self.mods[(layer, where, variant)]
+            x = h[rows]  # (B', T, d)
+            z = expectations(embed(x, self.n), (c0[sl][:, None], c1[sl][:, None]), variant[0], self.n)  # (B', T, n)
+            delta = torch.bmm(z, up[sl].transpose(1, 2)) + b[sl][:, None]
+            h = h.index_add(0, rows, delta.to(h.dtype))
+        return h

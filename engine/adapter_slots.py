@@ -1,0 +1,112 @@
+"""Adapters on the device: one slot bank per adapter type, names mapped to slots.
+
+A sequence names at most one adapter; each step builds a BatchSeams that routes every row to
+its slot. Prefix adapters act at admission instead: their keys/values are written into the
+first positions of the sequence's KV-cache slot and its tokens start after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.base import Adapter, AdapterError
+from adapters.files import load_dir
+from adapters.registry import get_type
+from adapters.seams import BatchSeams
+
+
+@dataclass(frozen=True)
+class Handle:
+    name: str
+    kind: str
+    slot: int
+    virtual_tokens: int
+
+
+class AdapterSlots:
+    def __init__(self, shape, max_adapters: int, device, dtype):
+        self.shape, self.max_adapters, self.device, self.dtype = shape, max_adapters, device, dtype
+        self.banks: dict = {}
+        self.free: dict[str, list[int]] = {}
+        self.handles: dict[str, Handle] = {}
+
+    def _bank(self, kind: str):
+        if kind not in self.banks:
+            # slot 0 means "no adapter", so a bank has max_adapters + 1 slots
+            self.banks[kind] = get_type(kind).make_bank(self.shape, self.max_adapters + 1, self.device, self.dtype)
+            self.free[kind] = list(range(self.max_adapters, 0, -1))
+        return self.banks[kind]
+
+    def load(self, name: str, source: str | Path | Adapter) -> Handle:
+        """Validate (if a directory), compile and copy an adapter into a free slot of its type.
+
+        Everything that can fail happens before the slot is touched, so a refused adapter
+        leaves the banks as they were. Re-loading a name replaces it.
+        """
+        ad = source if isinstance(source, Adapter) else load_dir(source, self.shape)
+        t = get_type(ad.kind)
+        compiled = _to_device(t.compiled(ad), self.device)
+        bank = self._bank(ad.kind)
+        old = self.handles.get(name)
+        if self.free[ad.kind]:
+            slot = self.free[ad.kind].pop()
+        elif old is not None and old.kind == ad.kind:
+            slot = old.slot  # replace in place; banks check before they clear a slot
+        else:
+            raise AdapterError(f"all {self.max_adapters} {ad.kind} adapter slots are in use")
+        try:
+            bank.load(slot, compiled)
+        except BaseException:
+            if old is None or slot != old.slot:
+                self.free[ad.kind].append(slot)
+            raise
+        if old is not None and (old.kind, old.slot) != (ad.kind, slot):
+            self._release(old)
+        self.handles[name] = h = Handle(name, ad.kind, slot, t.virtual_tokens(ad.config))
+        return h
+
+    def unload(self, name: str) -> None:
+        h = self.handles.pop(name, None)
+        if h is None:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        self._release(h)
+
+    def _release(self, h: Handle) -> None:
+        self.banks[h.kind].clear(h.slot)
+        self.free[h.kind].append(h.slot)
+
+    def get(self, name: str) -> Handle:
+        try:
+            return self.handles[name]
+        except KeyError:
+            raise AdapterError(f"adapter {name!r} is not loaded") from None
+
+    def seams_for(self, handles: list[Handle | None], device) -> BatchSeams | None:
+        """Per-row routing for one forward; None when no row uses a per-row adapter."""
+        slots = {}
+        for kind in self.banks:
+            if kind == "prefix":
+                continue
+            s = [h.slot if h is not None and h.kind == kind else 0 for h in handles]
+            if any(s):
+                slots[kind] = torch.tensor(s, device=device)
+        seams = BatchSeams(self.banks, slots) if slots else None
+        return seams if seams else None
+
+    def write_prefix(self, cache, kv_slot: int, h: Handle) -> None:
+        kv = self.banks["prefix"].kv(h.slot)  # (L, 2, Hkv, P, hd)
+        for layer in range(kv.shape[0]):
+            cache.write_prefix(kv_slot, layer, kv[layer, 0], kv[layer, 1])
+
+
+def _to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x

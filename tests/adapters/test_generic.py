@@ -1,0 +1,123 @@
+"""Generic adapter properties, for every case of the table (tests/adapters/cases.py)."""
+
+import pytest
+import torch
+
+from adapters.files import load_dir, save_dir
+from adapters.seams import SingleSeams
+from adapters.sora import prune, to_lora
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from tests.adapters.cases import CASES, IDS, make
+
+TOKENS = torch.tensor([[5, 9, 33, 100, 7, 61, 200, 12, 3, 44, 90]])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return Engine(tiny_dir, device="cpu", max_batch=8, max_seq_len=64, max_adapters=4)
+
+
+def ref_logits(engine, ad, tokens=TOKENS):
+    with torch.no_grad():
+        return engine.model(tokens, seams=SingleSeams(ad) if ad is not None else None)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_load_round_trip(case, engine, tmp_path):
+    ad = make(case, engine.shape)
+    back = load_dir(save_dir(ad, tmp_path / case.name), engine.shape)
+    assert back.kind == ad.kind and back.config == ad.config
+    assert back.tensors.keys() == ad.tensors.keys()
+    for k in ad.tensors:
+        assert torch.equal(back.tensors[k], ad.tensors[k]), k
+    assert torch.equal(ref_logits(engine, back), ref_logits(engine, ad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fresh_adapter_is_identity(case, engine):
+    fresh = make(case, engine.shape, trained=False)
+    trained = make(case, engine.shape)
+    base = ref_logits(engine, None)
+    if case.identity_at_init:
+        assert torch.equal(ref_logits(engine, fresh), base)
+    else:
+        assert not torch.allclose(ref_logits(engine, fresh), base, atol=1e-3)
+    assert not torch.allclose(ref_logits(engine, trained), base, atol=1e-3)
+
+
+def test_mixed_batch_equals_per_row_loop(engine):
+    """One batch, one row per case plus a base-model row, through the slot banks and the KV
+    cache (prefill, then decode steps) == each row alone through its own adapter's forward."""
+    names = []
+    for i, case in enumerate(CASES):
+        engine.load_adapter(case.name, make(case, engine.shape, seed=i))
+        names.append(case.name)
+    names.append(None)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(3, 12, (len(names),), generator=g)]
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    seqs = [engine.new_sequence(p, sp, a) for p, a in zip(prompts, names)]
+    from engine.steps import decode, prefill
+
+    for s in seqs:
+        engine.admit(s)
+    step_logits = []
+    try:
+        with torch.no_grad():
+            captured = []
+            orig = engine.model.lm_head.forward
+            engine.model.lm_head.forward = lambda x: captured.append(orig(x)) or captured[-1]
+            prefill(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+            step_logits.append(captured[-1])
+            for _ in range(5):
+                decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+                step_logits.append(captured[-1])
+    finally:
+        engine.model.lm_head.forward = orig
+        for s in seqs:
+            engine.cache.free(s.slot)
+    for i, (s, name) in enumerate(zip(seqs, names)):
+        ad = make(CASES[i], engine.shape, seed=i) if name else None
+        full = torch.tensor([s.prompt_ids + s.out_ids[:-1]])
+        ref = ref_logits(engine, ad, full)[0]  # (T, V)
+        n = len(s.prompt_ids)
+        for step, logits in enumerate(step_logits):
+            diff = (logits[i].reshape(-1) - ref[n - 1 + step]).abs().max().item()
+            assert diff <= 1e-5, f"{name} step {step}: {diff}"
+    for name in names[:-1]:
+        engine.adapters.unload(name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cleared_slot_keeps_no_trace(case, engine, tiny_dir):
+    """Load A, unload it, load B into the same slot: rows see exactly what a fresh bank gives B."""
+    other = CASES[(CASES.index(case) + 1) % len(CASES)]
+    a = make(other if other.kind == case.kind else case, engine.shape, seed=11)
+    b = make(case, engine.shape, seed=12)
+    h_a = engine.load_adapter("a", a)
+    engine.adapters.unload("a")
+    h_b = engine.load_adapter("b", b)
+    if h_a.kind == h_b.kind:
+        assert h_b.slot == h_a.slot
+    fresh = Engine(tiny_dir, device="cpu", max_batch=2, max_seq_len=64, max_adapters=4)
+    fresh.load_adapter("b", b)
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    used = engine.generate(["some prompt"], sp, adapters=["b"])[0].token_ids
+    clean = fresh.generate(["some prompt"], sp, adapters=["b"])[0].token_ids
+    engine.adapters.unload("b")
+    assert used == clean
+    # and a row with no adapter is the base model again
+    assert engine.generate(["some prompt"], sp)[0].token_ids == fresh.generate(["some prompt"], sp)[0].token_ids
+
+
+def test_sora_pruned_and_exported_lora_equal_unpruned(engine):
+    case = next(c for c in CASES if c.kind == "sora")
+    ad = make(case, engine.shape, seed=3)
+    n_zero = sum(int((v == 0).sum()) for k, v in ad.tensors.items() if k.endswith("lora_gate"))
+    assert n_zero > 0
+    pruned, lora = prune(ad), to_lora(ad)
+    assert pruned.n_params() < ad.n_params() and lora.kind == "lora"
+    base = ref_logits(engine, ad)
+    assert (ref_logits(engine, pruned) - base).abs().max() <= 1e-5
+    assert (ref_logits(engine, lora) - base).abs().max() <= 1e-5
