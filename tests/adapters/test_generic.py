@@ -15,7 +15,7 @@ TOKENS = torch.tensor([[5, 9, 33, 100, 7, 61, 200, 12, 3, 44, 90]])
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return Engine(tiny_dir, device="cpu", max_batch=8, max_seq_len=64, max_adapters=4)
+    return Engine(tiny_dir, device="cpu", max_batch=16, max_seq_len=64, max_adapters=4)
 
 
 def ref_logits(engine, ad, tokens=TOKENS):
@@ -47,13 +47,16 @@ def test_fresh_adapter_is_identity(case, engine):
 
 
 def test_mixed_batch_equals_per_row_loop(engine):
-    """One batch, one row per case plus a base-model row, through the slot banks and the KV
-    cache (prefill, then decode steps) == each row alone through its own adapter's forward."""
-    names = []
-    for i, case in enumerate(CASES):
-        engine.load_adapter(case.name, make(case, engine.shape, seed=i))
-        names.append(case.name)
-    names.append(None)
+    """One batch, two rows per case (two different adapters each) plus a base-model row,
+    through the slot banks and the KV cache (prefill, then decode steps) == each row alone
+    through its own adapter's forward."""
+    names, made = [], {}
+    for i, case in enumerate(CASES * 2):
+        name = f"{case.name}#{i}"
+        made[name] = make(case, engine.shape, seed=i)
+        engine.load_adapter(name, made[name])
+        names.append(name)
+    names.insert(3, None)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(3, 12, (len(names),), generator=g)]
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -78,14 +81,14 @@ def test_mixed_batch_equals_per_row_loop(engine):
         for s in seqs:
             engine.cache.free(s.slot)
     for i, (s, name) in enumerate(zip(seqs, names)):
-        ad = make(CASES[i], engine.shape, seed=i) if name else None
+        ad = made[name] if name else None
         full = torch.tensor([s.prompt_ids + s.out_ids[:-1]])
         ref = ref_logits(engine, ad, full)[0]  # (T, V)
         n = len(s.prompt_ids)
         for step, logits in enumerate(step_logits):
             diff = (logits[i].reshape(-1) - ref[n - 1 + step]).abs().max().item()
             assert diff <= 1e-5, f"{name} step {step}: {diff}"
-    for name in names[:-1]:
+    for name in made:
         engine.adapters.unload(name)
 
 
