@@ -69,9 +69,15 @@ class Engine:
     def name(self) -> str:
         return self.model_dir.name
 
-    def encode_prompt(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
-        """Token ids for a text prompt, or for chat messages rendered by the chat template."""
-        if chat or isinstance(prompt, list):
+    def encode_prompt(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
+        """Token ids for a text prompt, token ids as given, or chat messages rendered by the
+        chat template."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+            ids = list(prompt)
+        elif chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             for m in messages:
                 check_prompt_text(m.get("content", "") if isinstance(m, dict) else "")
