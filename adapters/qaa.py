@@ -131,6 +131,18 @@ class QAAType(AdapterType):
         return QAABank(shape, max_slots, device)
 
 
+def export_qnode(ad, layer: int, where: str):
+    """One module of a QAA adapter as PennyLane objects: (qnode, angles, W_up, b), where
+    h + W_up @ qnode(h, angles) + b is the module's output for a hidden vector h."""
+    from adapters.circuit import to_qnode
+
+    cfg = ad.config
+    theta = ad.tensors[key(layer, where, "angles")].detach()
+    up = ad.tensors[key(layer, where, "up.weight")].detach()
+    b = ad.tensors[key(layer, where, "up.bias")].detach() if cfg.bias else torch.zeros(up.shape[0])
+    return to_qnode(theta.shape[1], theta.shape[0], cfg.rotation), theta, up, b
+
+
 class QAABank:
     """Slot bank for QAA adapters, grouped by circuit variant (rotation, L).
 

@@ -82,3 +82,19 @@ def test_no_dense_unitary_is_built():
     sizes = [t.numel() for t in (p.zsign, p.zsign_out, p.ring, p.ring_h, p.h_hi, p.h_lo)]
     sizes += [t.numel() for r in ("RX", "RY") for t in compile_circuit(theta, r)]
     assert max(sizes) < (2**n) ** 2 / 50
+
+
+@pytest.mark.parametrize("rotation", ROT)
+def test_exported_module_reproduces_the_adapter(rotation, tiny_dir):
+    """A trained QAA module exported to PennyLane gives the module output our forward gives."""
+    from adapters.qaa import QAAConfig, QAAType, export_qnode
+    from engine.config import ModelConfig
+    from tests.adapters.cases import Case, make
+
+    shape = ModelConfig.from_dir(tiny_dir).shape()
+    ad = make(Case("q", "qaa", lambda: QAAConfig(circuit_layers=2, rotation=rotation)), shape, seed=2)
+    h = torch.randn(4, shape.dim)
+    ours = QAAType().residual(ad, 1, "mlp", h)
+    qnode, theta, up, b = export_qnode(ad, 1, "mlp")
+    z = torch.stack([torch.stack(qnode(h[i].double(), theta.double())) for i in range(4)]).float()
+    assert (ours - (h + z @ up.t() + b)).abs().max().item() <= 1e-5

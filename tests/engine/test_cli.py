@@ -76,3 +76,19 @@ def test_checkpoint_with_wrong_shapes_is_refused(tiny_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="shape"):
         Engine(tmp_path, device="cpu")
+
+
+def test_adapter_option(tiny_dir, tmp_path):
+    from adapters.files import save_dir
+    from tests.adapters.cases import CASES, make
+
+    eng = Engine(tiny_dir, device="cpu", max_batch=1)
+    for case in CASES:
+        d = save_dir(make(case, eng.shape, seed=4), tmp_path / case.name)
+        r = run_cli("--model", str(tiny_dir), "--prompt", "hello", "--max-new-tokens", "8", "--adapter", str(d))
+        assert r.returncode == 0, r.stderr.decode()
+        eng.load_adapter("x", d)
+        want = eng.generate(["hello"], SamplingParams(max_new_tokens=8), adapters=["x"])[0].text
+        eng.adapters.unload("x")
+        assert r.stdout.decode() == want + "\n", case.name
+    assert_one_line_error(run_cli("--model", str(tiny_dir), "--prompt", "hi", "--adapter", str(tmp_path)), "adapter_config.json")
