@@ -7,12 +7,16 @@ in that order.
 No 2^n x 2^n matrix is ever built. With H the n-qubit Walsh-Hadamard transform, D_l =
 diag(exp(-i phi_l)), phi_l(i) = 1/2 sum_q theta_lq s_q(i), s_q(i) = +-1 the Z eigenvalue of
 wire q in basis state i, and P the ring's permutation:
-    RX layer = H D_l H,  so  U = P H D_L P' D_(L-1) ... P' D_1 H,   P' = H P H
-where P' is again a permutation (each CNOT reversed). An RX circuit therefore costs two
-Walsh-Hadamard transforms (each two small Kronecker-factor matmuls), L elementwise phases and
-L-1 gathers, in real arithmetic on (re, im). RY circuits are real orthogonal: each layer is
-two real Kronecker factors (2^a x 2^a and 2^b x 2^b, a + b = n) and a gather.
-<Z_q> = sum_i |psi_i|^2 s_q(F(i)) with F the final ring permutation: one (2^n, n) matmul.
+    RX layer = H D_l H,  so  U = P H D_L Q D_(L-1) ... Q D_1 H,   Q = H P H
+Q is again a permutation (every CNOT reversed) and Q^-k D Q^k is again diagonal, so the Q's
+move left through the phases, and H Q^k = P^k H:
+    U = P^L H D H,   D = prod_l Q^-(l-1) D_l Q^(l-1)   (one phase vector, linear in theta)
+An RX circuit of any depth is therefore compiled, once per adapter, to one phase vector;
+running it costs two Walsh-Hadamard transforms (each two small Kronecker-factor matmuls) and
+elementwise work, in real arithmetic, and P^L folds into the readout. RY circuits are real
+orthogonal: each layer is two real Kronecker factors (2^a x 2^a and 2^b x 2^b, a + b = n)
+and a permutation. <Z_q> = sum_i |psi_i|^2 s_q(F(i)), F the permutation left at the end:
+one (2^n, n) matmul.
 """
 
 from __future__ import annotations
@@ -35,12 +39,10 @@ class Plan:
     """Qubits in the high Kronecker factor (wires 0..a-1); b = n - a in the low one."""
     zsign: torch.Tensor
     """(2^n, n) Z eigenvalue of each wire in each basis state."""
-    zsign_out: torch.Tensor
-    """(2^n, n) zsign read through the last ring: <Z> = |psi|^2 @ zsign_out."""
     ring: torch.Tensor
     """(2^n,) gather index of the CNOT ring: psi <- psi[..., ring]."""
     ring_h: torch.Tensor
-    """(2^n,) gather index of H ring H (the ring with every CNOT reversed)."""
+    """(2^n,) gather index of Q = H ring H (the ring with every CNOT reversed)."""
     h_hi: torch.Tensor
     """(2^a, 2^a) normalised Hadamard factor."""
     h_lo: torch.Tensor
@@ -73,12 +75,8 @@ def _plan_cpu(n: int) -> Plan:
     i = torch.arange(2**n)
     bits = torch.stack([(i >> (n - 1 - q)) & 1 for q in range(n)], 1)  # (2^n, n)
     zsign = (1 - 2 * bits).float()
-    ring = _ring_gather(n, reverse=False)
-    # psi_out = psi[ring]  =>  sum_j |psi_out_j|^2 z(j) = sum_i |psi_i|^2 z(F(i)),  F = ring^-1
-    inv = torch.empty_like(ring)
-    inv[ring] = torch.arange(2**n)
     a = n // 2
-    return Plan(n, a, zsign, zsign[inv], ring, _ring_gather(n, reverse=True), _hadamard(a), _hadamard(n - a))
+    return Plan(n, a, zsign, _ring_gather(n, reverse=False), _ring_gather(n, reverse=True), _hadamard(a), _hadamard(n - a))
 
 
 _plans: dict = {}
@@ -88,7 +86,7 @@ def plan(n: int, device="cpu") -> Plan:
     key = (n, str(device))
     if key not in _plans:
         p = _plan_cpu(n)
-        _plans[key] = Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.zsign_out, p.ring, p.ring_h, p.h_hi, p.h_lo)))
+        _plans[key] = Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo)))
     return _plans[key]
 
 
@@ -127,49 +125,78 @@ def _kron_factors(theta_l: torch.Tensor, a: int):
     return hi, lo
 
 
-def compile_circuit(theta: torch.Tensor, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angles (L, n) -> the adapter-specific tensors of its compiled circuit (differentiable).
+def compile_circuit(theta: torch.Tensor, rotation: str) -> torch.Tensor | tuple:
+    """Angles (L, n) -> the adapter-specific part of its compiled circuit (differentiable).
 
-    RX: (cos phi, sin phi), each (L, 2^n).   RY: Kronecker factors (L, 2^a, 2^a), (L, 2^b, 2^b).
+    RX: (2, 2^n) = (cos, sin) of the total phase.  RY: Kronecker factors (L, 2^a, 2^a), (L, 2^b, 2^b).
     """
     L, n = theta.shape
-    p = plan(n, theta.device)
     if rotation == "RX":
-        phi = theta.float() @ p.zsign.t() / 2  # (L, 2^n)
-        return torch.cos(phi), torch.sin(phi)
+        phi = (theta.float()[:, None, :] * _phase_signs(n, L, theta.device)).sum((0, 2)) / 2  # (2^n,)
+        return torch.stack((torch.cos(phi), torch.sin(phi)))
     if rotation == "RY":
+        p = plan(n, theta.device)
         hi, lo = zip(*(_kron_factors(theta[l].float(), p.a) for l in range(L)))
         return torch.stack(hi), torch.stack(lo)
     raise ValueError(f"rotation {rotation!r} is not one of {ROTATIONS}")
 
 
-def expectations(psi: torch.Tensor, compiled, rotation: str, n: int) -> torch.Tensor:
+_derived: dict = {}
+
+
+def _phase_signs(n: int, L: int, device) -> torch.Tensor:
+    """(L, 2^n, n): zsign read through Q^(l-1), so phi = 1/2 sum_l signs[l] @ theta_l."""
+    key = ("signs", n, L, str(device))
+    if key not in _derived:
+        p = _plan_cpu(n)
+        inv = torch.empty_like(p.ring_h)
+        inv[p.ring_h] = torch.arange(2**n)
+        idx, out = torch.arange(2**n), []
+        for _ in range(L):
+            out.append(p.zsign[idx])
+            idx = idx[inv]  # Q^-k D Q^k = diag(d[(Q^-1)^k])
+        _derived[key] = torch.stack(out).to(device)
+    return _derived[key]
+
+
+def readout(n: int, k: int, device) -> torch.Tensor:
+    """(2^n, n): <Z> = |psi|^2 @ readout after k more ring permutations P."""
+    key = ("readout", n, k, str(device))
+    if key not in _derived:
+        p = _plan_cpu(n)
+        g = torch.arange(2**n)
+        for _ in range(k):
+            g = g[p.ring]  # gather index of P^k
+        # psi_out = psi[g]  =>  sum_j |psi_out_j|^2 z(j) = sum_i |psi_i|^2 z(g^-1(i))
+        inv = torch.empty_like(g)
+        inv[g] = torch.arange(2**n)
+        _derived[key] = p.zsign[inv].to(device)
+    return _derived[key]
+
+
+def expectations(psi: torch.Tensor, compiled, rotation: str, n: int, L: int) -> torch.Tensor:
     """<Z_q> for embedded states psi (..., 2^n) -> (..., n).
 
     `compiled` comes from compile_circuit; its leading dims broadcast against psi's batch
-    dims once the (L, ...) dim is removed (e.g. (B, 1, L, 2^n) for per-row adapters).
+    dims (e.g. (B, 1, 2, 2^n) for per-row RX adapters).
     """
     p = plan(n, psi.device)
-    c0, c1 = compiled
-    L = c0.shape[-2] if rotation == "RX" else c0.shape[-3]
     if rotation == "RY":
+        hi, lo = compiled
         for l in range(L):
-            psi = kron_apply(psi, c0[..., l, :, :], c1[..., l, :, :], p.a)[..., p.ring]
-        return (psi * psi) @ p.zsign  # the last ring is already applied
-    u = kron_apply(psi, p.h_hi, p.h_lo, p.a)  # H
-    re, im = c0[..., 0, :] * u, -c1[..., 0, :] * u  # D_1
-    for l in range(1, L):
-        re, im = re[..., p.ring_h], im[..., p.ring_h]  # P'
-        cos, sin = c0[..., l, :], c1[..., l, :]
-        re, im = re * cos + im * sin, im * cos - re * sin  # times exp(-i phi_l)
-    re, im = kron_apply(re, p.h_hi, p.h_lo, p.a), kron_apply(im, p.h_hi, p.h_lo, p.a)  # H
-    return (re * re + im * im) @ p.zsign_out  # P, then measure
+            psi = kron_apply(psi, hi[..., l, :, :], lo[..., l, :, :], p.a).index_select(-1, p.ring)
+        return (psi * psi) @ p.zsign  # every ring already applied
+    u = kron_apply(psi, p.h_hi, p.h_lo, p.a)  # H psi, real
+    # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
+    # imaginary part vanishes in |.|^2
+    ri = kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a)  # (..., 2, 2^n)
+    return (ri * ri).sum(-2) @ readout(n, L, psi.device)
 
 
 def circuit_z(h: torch.Tensor, theta: torch.Tensor, rotation: str) -> torch.Tensor:
     """<Z> of one adapter's circuit for hidden states h (..., d): autograd through everything."""
-    n = theta.shape[1]
-    return expectations(embed(h, n), compile_circuit(theta, rotation), rotation, n)
+    L, n = theta.shape
+    return expectations(embed(h, n), compile_circuit(theta, rotation), rotation, n, L)
 
 
 class _ParameterShift(torch.autograd.Function):

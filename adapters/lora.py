@@ -188,25 +188,30 @@ class LoraBank:
     """Slot bank for LoRA-family adapters (LoRA, and SoRA with its gates folded in).
 
     For each (layer, proj) that any loaded adapter targets: A (S, r_max, in) and
-    B (S, out, r_max), the scale folded into B; ranks below r_max are zero-padded, which is
-    exact. Slot 0 is never written: all zeros, "no adapter".
+    Bt (S, r_max, out) = (B * scale).T; ranks below r_max are zero-padded, which is exact.
+    Slot 0 is never written: all zeros, "no adapter".
 
     `linear(layer, proj, x, y, route)` has the semantics of this reference loop:
         for b in range(len(x)):
             y[b] += x[b] @ A[slots[b]].T @ B[slots[b]].T
-    computed as two batched matmuls over the rows whose slot is not 0 (`route`).
+    computed as two batched matmuls over just the rows whose adapter has this module, and
+    just the first r columns, r = the largest rank among them (the rest is zero padding).
+    The per-row weights gathered for a batch are kept until a slot changes, because decode
+    steps repeat the same batch composition.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device, dtype, max_rank: int = 64):
         self.shape, self.S, self.device, self.dtype, self.max_rank = shape, max_slots, device, dtype, max_rank
         self.mods: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.owned: dict[int, set] = {}  # slot -> modules it writes
+        self.ranks: dict[tuple[int, str], list[int]] = {}  # module -> rank held by each slot (0 = none)
+        self.gathered: dict = {}  # (module, slots of the rows) -> (A, Bt) gathered for them
 
     def _mod(self, key):
         if key not in self.mods:
             i, o = self.shape.proj_io(key[1])
             self.mods[key] = (torch.zeros(self.S, self.max_rank, i, device=self.device, dtype=self.dtype),
-                              torch.zeros(self.S, o, self.max_rank, device=self.device, dtype=self.dtype))
+                              torch.zeros(self.S, self.max_rank, o, device=self.device, dtype=self.dtype))
+            self.ranks[key] = [0] * self.S
         return self.mods[key]
 
     def load(self, slot: int, compiled: dict) -> None:
@@ -217,31 +222,55 @@ class LoraBank:
                 raise AdapterError(f"rank {A.shape[0]} exceeds this server's max LoRA rank {self.max_rank}")
         self.clear(slot)
         for key, (A, B) in compiled.items():
-            bA, bB = self._mod(key)
+            bA, bBt = self._mod(key)
             r = A.shape[0]
             bA[slot, :r].copy_(A)
-            bB[slot, :, :r].copy_(B)
-        self.owned[slot] = set(compiled)
+            bBt[slot, :r].copy_(B.t())
+            self.ranks[key][slot] = r
 
     def clear(self, slot: int) -> None:
-        for key in self.owned.pop(slot, ()):
-            bA, bB = self.mods[key]
-            bA[slot].zero_()
-            bB[slot].zero_()
+        self.gathered.clear()
+        for key, ranks in self.ranks.items():
+            if ranks[slot]:
+                bA, bB = self.mods[key]
+                bA[slot].zero_()
+                bB[slot].zero_()
+                ranks[slot] = 0
 
-    def route(self, slots: torch.Tensor):
-        """Per forward: (slots, rows with an adapter, or None when every row has one)."""
-        active = slots > 0
-        return slots, (None if bool(active.all()) else active.nonzero().flatten())
+    def route(self, slots: torch.Tensor) -> "_Route":
+        return _Route(slots.tolist(), slots.device)
 
     def linear(self, layer, name, x, y, route):
-        ab = self.mods.get((layer, name))
-        if ab is None:
+        ranks = self.ranks.get((layer, name))
+        if ranks is None:
             return y
-        A, B = ab
-        slots, rows = route
-        if rows is None:  # every row has an adapter of this bank
-            return y + torch.bmm(torch.bmm(x, A[slots].transpose(1, 2)), B[slots].transpose(1, 2))
-        s = slots[rows]
-        d = torch.bmm(torch.bmm(x[rows], A[s].transpose(1, 2)), B[s].transpose(1, 2))  # (B', T, out)
-        return y.index_add(0, rows, d)
+        rows, sl, active = route.select(ranks)
+        if not active:
+            return y
+        g = self.gathered.get(((layer, name), active))
+        if g is None:
+            if len(self.gathered) > 8192:
+                self.gathered.clear()
+            r = max(ranks[s] for s in active)
+            A, Bt = self.mods[(layer, name)]
+            g = self.gathered[((layer, name), active)] = (A[sl, :r].transpose(1, 2), Bt[sl, :r])
+        xs = x if rows is None else x[rows]
+        d = torch.bmm(torch.bmm(xs, g[0]), g[1])  # (B', T, r) -> (B', T, out)
+        return y + d if rows is None else y.index_add(0, rows, d)
+
+
+class _Route:
+    """One forward's rows -> slots, with the index tensors shared by modules of equal pattern."""
+
+    def __init__(self, slots: list[int], device):
+        self.slots, self.device, self.cache = slots, device, {}
+
+    def select(self, ranks: list[int]):
+        """(rows or None for all, their slots, the slots as a tuple) for the rows whose slot
+        has the module; the tuple is () when none does."""
+        active = tuple(s for s in self.slots if ranks[s])
+        if active and active not in self.cache:
+            idx = [b for b, s in enumerate(self.slots) if ranks[s]]
+            rows = None if len(idx) == len(self.slots) else torch.tensor(idx, device=self.device)
+            self.cache[active] = (rows, torch.tensor(active, device=self.device))
+        return (*self.cache.get(active, (None, None)), active)

@@ -118,13 +118,15 @@ class QAAType(AdapterType):
         return h + delta.to(h.dtype)
 
     def compiled(self, ad):
-        """{(layer, where): (c0, c1, W_up, b)} with the circuit compiled once, at load time."""
+        """{(layer, where): (*circuit, W_up, b)} with the circuit compiled once, at load time
+        (RX: one (2, 2^n) phase tensor; RY: two Kronecker-factor stacks)."""
         cfg, out = ad.config, {}
         for layer, w in modules(cfg, ad.shape):
-            c0, c1 = compile_circuit(ad.tensors[key(layer, w, "angles")], cfg.rotation)
+            circuit = compile_circuit(ad.tensors[key(layer, w, "angles")], cfg.rotation)
+            circuit = (circuit,) if cfg.rotation == "RX" else circuit
             up = ad.tensors[key(layer, w, "up.weight")]
             b = ad.tensors[key(layer, w, "up.bias")] if cfg.bias else torch.zeros(up.shape[0])
-            out[(layer, w)] = (c0, c1, up, b)
+            out[(layer, w)] = (*circuit, up, b)
         return out, (cfg.rotation, cfg.circuit_layers)
 
     def make_bank(self, shape, max_slots, device, dtype):
@@ -146,8 +148,8 @@ def export_qnode(ad, layer: int, where: str):
 class QAABank:
     """Slot bank for QAA adapters, grouped by circuit variant (rotation, L).
 
-    Per module (layer, where) and variant: the compiled circuit c0, c1 (S, L, ...) (RX:
-    cos/sin of the diagonal phases; RY: Kronecker factors), W_up (S, d, n) and b (S, d), all
+    Per module (layer, where) and variant: the compiled circuit (RX: (S, 2, 2^n) cos/sin of
+    the total phase; RY: Kronecker factors (S, L, 2^a, 2^a), (S, L, 2^b, 2^b)), W_up (S, d, n) and b (S, d), all
     fp32 (the circuit's precision does not follow the model's dtype). Slot 0 stays empty.
 
     `residual(layer, where, h, route)` has the semantics of this reference loop:
@@ -163,6 +165,7 @@ class QAABank:
         self.n = n_qubits(shape.dim)
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, c1, up, b]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
+        self.gathered: dict = {}  # (module, variant, slots of the rows) -> per-row tensors
 
     def load(self, slot: int, compiled) -> None:
         per_module, variant = compiled
@@ -177,6 +180,7 @@ class QAABank:
         self.owned[slot] = (variant, frozenset(per_module))
 
     def clear(self, slot: int) -> None:
+        self.gathered.clear()
         variant, mods = self.owned.pop(slot, (None, ()))
         for layer, w in mods:
             for t in self.mods[(layer, w, variant)]:
@@ -197,15 +201,28 @@ class QAABank:
                 groups[(m, variant)][1].extend([s] * len(rows))
         route: dict = {}
         for (m, variant), (rows, sl) in groups.items():
-            route.setdefault(m, []).append((variant, torch.tensor(rows, device=slots.device),
-                                            torch.tensor(sl, device=slots.device)))
+            rows_t = None if rows == list(range(len(slots))) else torch.tensor(rows, device=slots.device)
+            route.setdefault(m, []).append((variant, rows_t, tuple(sl)))
         return route
 
     def residual(self, layer, where, h, route):
         for variant, rows, sl in route.get((layer, where), ()):
-            c0, c1, up, b = self.mods[(layer, where, variant)]
-            x = h[rows]  # (B', T, d)
-            z = expectations(embed(x, self.n), (c0[sl][:, None], c1[sl][:, None]), variant[0], self.n)  # (B', T, n)
-            delta = torch.bmm(z, up[sl].transpose(1, 2)) + b[sl][:, None]
-            h = h.index_add(0, rows, delta.to(h.dtype))
+            *circuit, up_t, b = self._gather((layer, where, variant), sl)
+            rotation, L = variant
+            x = h if rows is None else h[rows]  # (B', T, d)
+            compiled = circuit[0] if rotation == "RX" else circuit
+            z = expectations(embed(x, self.n), compiled, rotation, self.n, L)  # (B', T, n)
+            delta = torch.baddbmm(b, z, up_t).to(h.dtype)  # (B', T, d)
+            h = h + delta if rows is None else h.index_add(0, rows, delta)
         return h
+
+    def _gather(self, key, sl: tuple):
+        # decode steps repeat the same batch composition: gather per-row tensors once
+        g = self.gathered.get((key, sl))
+        if g is None:
+            if len(self.gathered) > 8192:
+                self.gathered.clear()
+            *circuit, up, b = self.mods[key]
+            idx = torch.tensor(sl, device=up.device)
+            g = self.gathered[(key, sl)] = (*(c[idx][:, None] for c in circuit), up[idx].transpose(1, 2), b[idx][:, None])
+        return g

@@ -74,13 +74,13 @@ def test_parameter_shift_matches_autograd(rotation, L):
 
 def test_no_dense_unitary_is_built():
     """The compiled circuit's tensors stay far below a 2^n x 2^n matrix."""
-    from adapters.circuit import compile_circuit, plan
+    from adapters.circuit import compile_circuit, plan, readout
 
     n = 10
     theta = torch.rand(4, n)
     p = plan(n)
-    sizes = [t.numel() for t in (p.zsign, p.zsign_out, p.ring, p.ring_h, p.h_hi, p.h_lo)]
-    sizes += [t.numel() for r in ("RX", "RY") for t in compile_circuit(theta, r)]
+    sizes = [t.numel() for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo, readout(n, 4, "cpu"))]
+    sizes += [compile_circuit(theta, "RX").numel()] + [t.numel() for t in compile_circuit(theta, "RY")]
     assert max(sizes) < (2**n) ** 2 / 50
 
 
