@@ -256,7 +256,7 @@ class LoraBank:
             g = self.gathered[((layer, name), active)] = (A[sl, :r].transpose(1, 2), Bt[sl, :r])
         xs = x if rows is None else x[rows]
         d = torch.bmm(torch.bmm(xs, g[0]), g[1])  # (B', T, r) -> (B', T, out)
-        return y + d if rows is None else y.index_add(0, rows, d)
+        return y + d if rows is None else y.index_add_(0, rows, d)  # y is fresh: no aliasing
 
 
 class _Route:

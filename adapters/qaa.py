@@ -213,7 +213,7 @@ class QAABank:
             compiled = circuit[0] if rotation == "RX" else circuit
             z = expectations(embed(x, self.n), compiled, rotation, self.n, L)  # (B', T, n)
             delta = torch.baddbmm(b, z, up_t).to(h.dtype)  # (B', T, d)
-            h = h + delta if rows is None else h.index_add(0, rows, delta)
+            h = h + delta if rows is None else h.index_add_(0, rows, delta)
         return h
 
     def _gather(self, key, sl: tuple):
