@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Until the server lands this runs a generation demo on the default model.
+SERVE_ARGS ?=
 serve: $(STAMP)
-	$(VENV)/bin/qaa-generate --chat --prompt "$${PROMPT:-What is the capital of France?}" --max-new-tokens 48
+	$(VENV)/bin/qaa-serve $(SERVE_ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

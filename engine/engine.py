@@ -67,7 +67,10 @@ class Engine:
 
     @property
     def name(self) -> str:
-        return self.model_dir.name
+        """The model's name: SmolLM2-135M-Instruct for the default, else the directory name."""
+        from engine.weights import DEFAULT_MODEL_NAME, cache_root
+
+        return DEFAULT_MODEL_NAME if self.model_dir.parent == cache_root() / "models" else self.model_dir.name
 
     def encode_prompt(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
         """Token ids for a text prompt, token ids as given, or chat messages rendered by the
@@ -90,11 +93,11 @@ class Engine:
             raise InputError(f"prompt has {len(ids)} tokens; the context holds at most {self.max_seq_len - 1} prompt tokens")
         return ids
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Sequence:
-        """A sequence for the base model or for a loaded adapter (its name)."""
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, adapter: str | Handle | None = None) -> Sequence:
+        """A sequence for the base model or for a loaded adapter (its name or Handle)."""
         if not prompt_ids:
             raise InputError("prompt is empty")
-        h: Handle | None = self.adapters.get(adapter) if adapter is not None else None
+        h: Handle | None = self.adapters.get(adapter) if isinstance(adapter, str) else adapter
         start = h.virtual_tokens if h is not None else 0
         if start + len(prompt_ids) >= self.max_seq_len:
             raise InputError(f"prompt has {len(prompt_ids)} tokens (+{start} virtual); the context holds {self.max_seq_len}")

@@ -1,0 +1,274 @@
+"""The HTTP API: TGI/LoRAX generation, OpenAI-compatible completions, adapters, health, metrics.
+
+Errors are JSON {"error": message, "error_type": kind} with a 4xx status for anything the
+client did: 401 no/unknown key, 404 unknown adapter, 413 upload too large, 422 bad input or
+limits, 429 queue full (with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from adapters.base import AdapterError
+from engine.errors import QaaError
+from engine.sampling import SamplingParams
+from server.auth import Auth, Principal
+from server.schemas import ChatRequest, CompletionRequest, TGIRequest
+from server.scheduler import Event, QueueFull, Request as GenRequest, Scheduler
+from server.store import NotFound, Store, check_id
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
+
+
+@dataclass
+class ServerState:
+    engine: object
+    store: Store
+    residency: object
+    scheduler: Scheduler
+    metrics: object
+    auth: Auth
+    model_name: str
+    max_new_tokens: int
+    """Largest max_new_tokens a request may ask for."""
+
+
+def error(status, message, error_type, headers=None):
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def create_app(state: ServerState, lifespan=None) -> FastAPI:
+    app = FastAPI(title="qaa-serve", version="0.1.0", lifespan=lifespan)
+    app.state.s = state
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(_, e: HTTPError):
+        return error(e.status, e.message, e.error_type, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(422, f"{where}: {first.get('msg', 'invalid request')}", "validation")
+
+    @app.exception_handler(QaaError)
+    async def _input(_, e: QaaError):
+        return error(422, str(e), "validation")
+
+    @app.exception_handler(AdapterError)
+    async def _adapter(_, e: AdapterError):
+        return error(422, str(e), "adapter")
+
+    from server.routes_adapters import register_adapter_routes
+
+    register_adapter_routes(app, state)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/generate")
+    async def generate(body: TGIRequest, request: Request):
+        if body.stream:
+            return await generate_stream(body, request)
+        req = await _start_tgi(state, body, request)
+        text, reason, n = await _collect(state, req, request)
+        return _tgi_final(req, text, reason, n)
+
+    @app.post("/generate_stream")
+    async def generate_stream(body: TGIRequest, request: Request):
+        req = await _start_tgi(state, body, request)
+
+        async def events():
+            text, n = "", 0
+            async for ev in _events(state, req):
+                if ev.kind == "error":
+                    yield _sse({"error": ev.message, "error_type": "generation"})
+                    return
+                if ev.kind == "token":
+                    text, n = text + ev.text, n + 1
+                    yield _sse({"token": {"id": ev.token_id, "text": ev.text, "logprob": None, "special": False},
+                                "generated_text": None, "details": None})
+                else:
+                    final = _tgi_final(req, text, ev.finish_reason, n)
+                    yield _sse({"token": None, **final})
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        p = _principal(state, request)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+            if len(prompt) != 1:
+                raise HTTPError(422, "prompt: only one prompt per request is supported", "validation")
+            prompt = prompt[0]
+        ids = state.engine.encode_prompt(prompt)
+        req = await _start(state, p, body.model, ids, _openai_params(body, body.max_tokens, ids))
+        return await _openai_response(state, req, request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        p = _principal(state, request)
+        ids = state.engine.encode_prompt([m.model_dump() for m in body.messages], chat=True)
+        req = await _start(state, p, body.model, ids, _openai_params(body, body.max_completion_tokens or body.max_tokens, ids))
+        return await _openai_response(state, req, request, body, chat=True)
+
+    return app
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _principal(state: ServerState, request: Request) -> Principal:
+    p = state.auth.principal(request.headers.get("authorization"))
+    if p is None:
+        raise HTTPError(401, "missing or invalid API key (send Authorization: Bearer <key>)", "authentication")
+    return p
+
+
+def resolve_adapter(state: ServerState, p: Principal, adapter_id: str | None):
+    """None for the base model; else the caller's stored adapter (404 if it has none)."""
+    if adapter_id in (None, "", state.model_name):
+        return None
+    tenant, aid = p.tenant, adapter_id
+    if p.admin and "/" in adapter_id:
+        tenant, aid = adapter_id.split("/", 1)
+    try:
+        check_id("adapter id", aid)
+        return state.store.get(tenant, aid)
+    except (NotFound, AdapterError):
+        raise HTTPError(404, f"adapter {adapter_id!r} not found", "not_found") from None
+
+
+def _limits(state: ServerState, ids: list[int], max_new: int, entry) -> None:
+    if max_new > state.max_new_tokens:
+        raise HTTPError(422, f"max_new_tokens must be <= {state.max_new_tokens}, got {max_new}", "validation")
+    virtual = entry.virtual_tokens if entry is not None else 0
+    total = state.engine.max_seq_len
+    if len(ids) + virtual + max_new > total:
+        raise HTTPError(422, f"prompt tokens ({len(ids)}) + max_new_tokens ({max_new})"
+                        f"{f' + {virtual} virtual tokens' if virtual else ''} must be <= {total}", "validation")
+
+
+async def _start(state: ServerState, p: Principal, adapter_id, ids, params: SamplingParams) -> GenRequest:
+    entry = resolve_adapter(state, p, adapter_id)
+    _limits(state, ids, params.max_new_tokens, entry)
+    req = GenRequest(ids, params, entry, asyncio.get_running_loop())
+    try:
+        state.scheduler.submit(req)
+    except QueueFull as e:
+        raise HTTPError(429, f"server busy: {e}", "overloaded", {"Retry-After": "1"}) from None
+    return req
+
+
+async def _start_tgi(state: ServerState, body: TGIRequest, request: Request) -> GenRequest:
+    p = _principal(state, request)
+    q = body.parameters
+    sample = q.do_sample or (q.temperature is not None and q.temperature > 0)
+    ids = state.engine.encode_prompt(body.inputs)
+    params = SamplingParams(
+        max_new_tokens=q.max_new_tokens or min(100, state.max_new_tokens), temperature=(q.temperature or 1.0) if sample else 0.0,
+        top_k=q.top_k or 0, top_p=q.top_p or 1.0, repetition_penalty=q.repetition_penalty or 1.0, seed=q.seed, stop=q.stop,
+        ignore_eos=q.ignore_eos,
+    )
+    return await _start(state, p, q.adapter_id, ids, params)
+
+
+def _openai_params(body, max_tokens, ids) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return SamplingParams(max_new_tokens=max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
+                          top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
+                          ignore_eos=body.ignore_eos)
+
+
+async def _events(state: ServerState, req: GenRequest):
+    """The request's events until done; a cancelled consumer (disconnect) cancels the request."""
+    try:
+        while True:
+            ev: Event = await req.queue.get()
+            yield ev
+            if ev.kind in ("done", "error"):
+                return
+    finally:
+        if not req.queue.empty() or req.seq is None or not req.seq.finished:
+            state.scheduler.cancel(req)
+
+
+async def _collect(state: ServerState, req: GenRequest, request: Request):
+    """Wait for the whole completion, cancelling it if the client goes away."""
+    text, n = "", 0
+    while True:
+        try:
+            ev = await asyncio.wait_for(req.queue.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                state.scheduler.cancel(req)
+                raise HTTPError(499, "client disconnected", "cancelled") from None
+            continue
+        if ev.kind == "error":
+            raise HTTPError(500, ev.message, "generation")
+        if ev.kind == "token":
+            text, n = text + ev.text, n + 1
+        else:
+            return text, ev.finish_reason, n
+
+
+def _tgi_final(req: GenRequest, text: str, reason: str, n: int) -> dict:
+    reason = {"stop": "eos_token", "length": "length"}.get(reason, reason)
+    if req.seq is not None and req.params.stop and reason == "eos_token" and req.seq.out_ids[-1] not in req.seq.tokenizer.eos_ids:
+        reason = "stop_sequence"
+    return {"generated_text": text,
+            "details": {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "generated_tokens": n}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _openai_response(state, req: GenRequest, request: Request, body, chat: bool):
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created, model = int(time.time()), body.model
+    obj = "chat.completion" if chat else "text_completion"
+    if not body.stream:
+        text, reason, n = await _collect(state, req, request)
+        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n, "total_tokens": len(req.prompt_ids) + n}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                  if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
+
+    async def events():
+        first = True
+        async for ev in _events(state, req):
+            if ev.kind == "error":
+                yield _sse({"error": {"message": ev.message, "type": "generation"}})
+                return
+            reason = ev.finish_reason if ev.kind == "done" else None
+            if ev.kind == "token" and not ev.text and not first:
+                continue
+            if chat:
+                delta = {"role": "assistant", "content": ev.text} if first else ({"content": ev.text} if ev.text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": ev.text, "finish_reason": reason, "logprobs": None}
+            first = False
+            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model, "choices": [choice]})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

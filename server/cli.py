@@ -1,0 +1,94 @@
+"""`qaa-serve`: one frozen model on the device, many tenants' adapters, over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from contextlib import asynccontextmanager
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="qaa-serve", description=__doc__)
+    ap.add_argument("--model", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--adapter-dir", default=os.environ.get("QAA_ADAPTER_DIR", "adapters-store"),
+                    help="the adapter store (created if missing)")
+    ap.add_argument("--max-running", type=int, default=16, help="requests decoding together (KV slots)")
+    ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    ap.add_argument("--max-device-adapters", type=int, default=32, help="adapters held in device slot banks")
+    ap.add_argument("--max-host-adapters", type=int, default=256, help="adapters held in host memory")
+    ap.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per request")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_new_tokens a request may ask for")
+    ap.add_argument("--max-upload-mb", type=float, default=512)
+    ap.add_argument("--api-keys", default=None, help="JSON file: key -> tenant (see server/auth.py)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--drain-seconds", type=float, default=30, help="on SIGTERM, how long running requests may finish")
+    return ap.parse_args(argv)
+
+
+def build(args):
+    """Everything but the HTTP listener: engine, store, residency, scheduler, app."""
+    from engine.engine import Engine
+    from server.app import ServerState, create_app
+    from server.auth import Auth
+    from server.metrics import Metrics
+    from server.residency import Residency
+    from server.scheduler import Scheduler
+    from server.store import Store
+
+    auth = Auth.from_file(args.api_keys)
+    if not auth.enabled and not _loopback(args.host):
+        raise SystemExit(f"qaa-serve: error: without --api-keys the server is single-tenant and listens on loopback "
+                         f"only; {args.host} is not a loopback address")
+    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
+                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters)
+    metrics = Metrics()
+    store = Store(args.adapter_dir, engine.shape, max_bytes=int(args.max_upload_mb * 2**20))
+    residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
+    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop(args.drain_seconds)
+
+    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name,
+                        min(args.max_new_tokens, engine.max_seq_len - 1))
+    return create_app(state, lifespan=lifespan)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from adapters.base import AdapterError
+    from engine.errors import QaaError
+
+    try:
+        app = build(args)
+    except (QaaError, AdapterError) as e:
+        print(f"qaa-serve: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let open
+    # responses finish, then our lifespan drains the scheduler; the process exits 0.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=int(args.drain_seconds) + 5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
