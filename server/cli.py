@@ -83,11 +83,33 @@ def main(argv=None) -> int:
         return 2
     import uvicorn
 
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let open
-    # responses finish, then our lifespan drains the scheduler; the process exits 0.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=int(args.drain_seconds) + 5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=int(args.drain_seconds) + 5)
+    _graceful_server_class()(config).run()
     return 0
+
+
+def _graceful_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM/SIGINT start a graceful shutdown (stop accepting, let open responses
+        finish, then the lifespan drains the scheduler) and the process exits 0; uvicorn's
+        own handler would re-raise the signal afterwards and end with its status."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return GracefulServer
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Request
+from starlette.datastructures import UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME
