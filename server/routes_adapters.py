@@ -29,7 +29,13 @@ def register_adapter_routes(app: FastAPI, state) -> None:
             raise HTTPError(413, f"{name} exceeds the upload limit of {state.store.max_bytes} bytes", "too_large")
         return data
 
-    @app.put("/v1/adapters/{adapter_id}")
+    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [CONFIG_NAME, WEIGHTS_NAME],
+        "properties": {CONFIG_NAME: {"type": "string", "format": "binary"},
+                       WEIGHTS_NAME: {"type": "string", "format": "binary"}}}}}}}
+
+    @app.put("/v1/adapters/{adapter_id}", status_code=201, openapi_extra=upload_schema,
+             summary="Upload or replace an adapter (multipart: adapter_config.json + adapter_model.safetensors)")
     async def put_adapter(adapter_id: str, request: Request):
         p = _principal(state, request)
         tenant = p.tenant
