@@ -90,13 +90,6 @@ def plan(n: int, device="cpu") -> Plan:
     return _plans[key]
 
 
-def embed(h: torch.Tensor, n: int) -> torch.Tensor:
-    """Amplitude embedding: (..., d) -> (..., 2^n) zero-padded, L2-normalised, fp32."""
-    x = h.float()
-    x = torch.nn.functional.pad(x, (0, 2**n - x.shape[-1]))
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def kron_apply(x, hi, lo, a: int):
     """(hi (x) lo) applied to states x (..., 2^n): hi (..., 2^a, 2^a), lo (..., 2^b, 2^b)."""
     shp = x.shape
@@ -175,28 +168,45 @@ def readout(n: int, k: int, device) -> torch.Tensor:
 
 
 def expectations(psi: torch.Tensor, compiled, rotation: str, n: int, L: int) -> torch.Tensor:
-    """<Z_q> for embedded states psi (..., 2^n) -> (..., n).
+    """<Z_q> for states psi (..., 2^n) -> (..., n).
 
-    `compiled` comes from compile_circuit; its leading dims broadcast against psi's batch
-    dims (e.g. (B, 1, 2, 2^n) for per-row RX adapters).
+    psi need not be normalised: <Z> is quadratic in psi, so the result is divided by |psi|^2
+    at the end (n values instead of a pass over 2^n). `compiled` comes from compile_circuit;
+    its leading dims broadcast against psi's batch dims (e.g. (B, 1, 2, 2^n) per-row RX).
     """
     p = plan(n, psi.device)
+    norm2 = (psi * psi).sum(-1, keepdim=True).clamp_min(1e-24)
     if rotation == "RY":
         hi, lo = compiled
         for l in range(L):
             psi = kron_apply(psi, hi[..., l, :, :], lo[..., l, :, :], p.a).index_select(-1, p.ring)
-        return (psi * psi) @ p.zsign  # every ring already applied
+        return (psi * psi) @ p.zsign / norm2  # every ring already applied
     u = kron_apply(psi, p.h_hi, p.h_lo, p.a)  # H psi, real
     # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
     # imaginary part vanishes in |.|^2
     ri = kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a)  # (..., 2, 2^n)
-    return (ri * ri).sum(-2) @ readout(n, L, psi.device)
+    sq = (ri * ri).flatten(-2)  # (..., 2 * 2^n): re^2 then im^2
+    return sq @ readout2(n, L, psi.device) / norm2
+
+
+def readout2(n: int, k: int, device) -> torch.Tensor:
+    """(2 * 2^n, n): readout stacked twice, so re^2 and im^2 are read in one matmul."""
+    key = ("readout2", n, k, str(device))
+    if key not in _derived:
+        r = readout(n, k, device)
+        _derived[key] = torch.cat([r, r])
+    return _derived[key]
+
+
+def pad(h: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., d) -> (..., 2^n) zero-padded fp32 amplitudes (not normalised)."""
+    return torch.nn.functional.pad(h.float(), (0, 2**n - h.shape[-1]))
 
 
 def circuit_z(h: torch.Tensor, theta: torch.Tensor, rotation: str) -> torch.Tensor:
     """<Z> of one adapter's circuit for hidden states h (..., d): autograd through everything."""
     L, n = theta.shape
-    return expectations(embed(h, n), compile_circuit(theta, rotation), rotation, n, L)
+    return expectations(pad(h, n), compile_circuit(theta, rotation), rotation, n, L)
 
 
 class _ParameterShift(torch.autograd.Function):

@@ -41,7 +41,8 @@ def parse_config(data: bytes) -> tuple[str, object]:
 
 
 def parse_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    # safetensors: u64 header length, then the JSON header; torch.save: a zip or a raw pickle
+    if data[8:9] != b"{" and (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
         raise AdapterError(f"{WEIGHTS_NAME} is a pickle/zip file: only safetensors are accepted")
     try:
         return st_load(data)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
-from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, embed, expectations
+from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations, pad
 from adapters.registry import AdapterType, register
 
 PLACES = ("attn", "mlp")
@@ -211,7 +211,7 @@ class QAABank:
             rotation, L = variant
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
-            z = expectations(embed(x, self.n), compiled, rotation, self.n, L)  # (B', T, n)
+            z = expectations(pad(x, self.n), compiled, rotation, self.n, L)  # (B', T, n)
             delta = torch.baddbmm(b, z, up_t).to(h.dtype)  # (B', T, d)
             h = h + delta if rows is None else h.index_add_(0, rows, delta)
         return h

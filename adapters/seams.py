@@ -36,6 +36,12 @@ class BatchSeams:
 
     Routing (which rows use which slots) is worked out once per forward, not per layer.
     Prefixes are not applied here: they live in the KV cache (see PrefixBank).
+
+    The banks' kernels are hundreds of small ops per step; they run on one intra-op thread.
+    With more, each op's OpenMP barrier waits on every worker, and on a loaded machine (a
+    server's HTTP threads) that wait dominates: measured on 2 cores under serving load, a
+    mixed-adapter decode ran 1.46x faster this way, while the base model's GEMMs keep
+    all threads.
     """
 
     offset = 0
@@ -55,14 +61,33 @@ class BatchSeams:
         return bool(self.lin or self.res)
 
     def linear(self, layer, name, x, y):
-        for bank, route in self.lin:
-            y = bank.linear(layer, name, x, y, route)
+        if not self.lin:
+            return y
+        with _one_thread():
+            for bank, route in self.lin:
+                y = bank.linear(layer, name, x, y, route)
         return y
 
     def residual(self, layer, where, h):
-        for bank, route in self.res:
-            h = bank.residual(layer, where, h, route)
+        if not self.res:
+            return h
+        with _one_thread():
+            for bank, route in self.res:
+                h = bank.residual(layer, where, h, route)
         return h
 
     def prefix(self, layer, batch):
         raise RuntimeError("per-row prefixes are served from the KV cache; use SingleSeams without a cache")
+
+
+class _one_thread:
+    """Run the enclosed ops on one intra-op thread, then restore the thread count."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if self.n != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n != 1:
+            torch.set_num_threads(self.n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import sys
@@ -30,8 +31,11 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def build(args):
-    """Everything but the HTTP listener: engine, store, residency, scheduler, app."""
+def build(args, scheduler_thread: bool = True):
+    """Everything but the HTTP listener: engine, store, residency, scheduler, app.
+
+    scheduler_thread=True starts the scheduler on a thread when the app starts; False leaves
+    it to the caller to run on the main thread (what `qaa-serve` does)."""
     from engine.engine import Engine
     from server.app import ServerState, create_app
     from server.auth import Auth
@@ -53,9 +57,11 @@ def build(args):
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        if scheduler_thread:
+            scheduler.start()
         yield
-        scheduler.stop(args.drain_seconds)
+        # uvicorn has stopped accepting and waited for open responses; finish what is left
+        await asyncio.to_thread(scheduler.stop, args.drain_seconds)
 
     state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name,
                         min(args.max_new_tokens, engine.max_seq_len - 1))
@@ -77,39 +83,47 @@ def main(argv=None) -> int:
     from engine.errors import QaaError
 
     try:
-        app = build(args)
+        app = build(args, scheduler_thread=False)
     except (QaaError, AdapterError) as e:
         print(f"qaa-serve: error: {e}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=int(args.drain_seconds) + 5)
-    _graceful_server_class()(config).run()
-    return 0
+    return serve(app, args)
 
 
-def _graceful_server_class():
+def serve(app, args) -> int:
+    """uvicorn's event loop on a thread, the scheduler (the model) on the main thread.
+
+    SIGTERM/SIGINT start a graceful shutdown: stop accepting, let open responses finish,
+    drain the scheduler (bounded by --drain-seconds), exit 0. A second signal forces exit.
+    """
     import contextlib
     import signal
+    import threading
 
     import uvicorn
 
-    class GracefulServer(uvicorn.Server):
-        """SIGTERM/SIGINT start a graceful shutdown (stop accepting, let open responses
-        finish, then the lifespan drains the scheduler) and the process exits 0; uvicorn's
-        own handler would re-raise the signal afterwards and end with its status."""
-
+    class ThreadedServer(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):
-            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
+        def capture_signals(self):  # signals belong to the main thread, see below
+            yield
 
-    return GracefulServer
+    server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=int(args.drain_seconds) + 5))
+    scheduler = app.state.s.scheduler
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+
+    def http():
+        try:
+            server.run()
+        finally:  # whether it shut down cleanly or never started, the main loop ends too
+            scheduler.stop(0 if not server.started else args.drain_seconds)
+
+    t = threading.Thread(target=http, name="http")
+    t.start()
+    scheduler.run()
+    t.join()
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

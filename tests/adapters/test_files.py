@@ -115,3 +115,17 @@ def test_rank_above_bank_limit_leaves_slot_untouched(engine):
     with pytest.raises(AdapterError, match="rank 100"):
         engine.load_adapter("big", ad)
     assert "big" not in engine.adapters.handles
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(engine):
+    """The u64 header length can begin with byte 0x80, pickle's magic: it is still safetensors."""
+    from adapters.files import parse_tensors
+
+    tensors = dict(_lora(engine.shape).tensors)
+    for pad in range(300):
+        data = save(tensors, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    back = parse_tensors(data)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)

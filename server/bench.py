@@ -1,0 +1,180 @@
+"""Serving throughput with many adapters (a script, not a test).
+
+    python -m server.bench [--concurrency 8,32] [--new-tokens 32] [--model PATH]
+
+Starts qaa-serve as a child process (loopback, a free port; a separate process so the load
+generator's threads do not share its interpreter), uploads adapters over HTTP, and in one
+run measures aggregate generated tokens/s of C concurrent streaming
+requests:
+  1. each request with a different adapter, types mixed (lora, sora, prefix, qaa), vs the
+     same requests with no adapter: ratio = adapters / base;
+  2. LoRA only: qaa-serve vs HF PEFT's mixed-adapter batch (`generate(adapter_names=...)`)
+     on the same model, prompts and adapters: ratio = qaa-serve / PEFT.
+Every request generates exactly --new-tokens tokens (EOS ignored on both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import io
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
+    "Explain how a transformer works.", "List five fruits.", "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?", "Describe the water cycle.",
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapters(shape, kinds, count, seed=0):
+    from adapters.base import Adapter
+    from adapters.lora import LoraConfig
+    from adapters.prefix import PrefixConfig
+    from adapters.qaa import QAAConfig
+    from adapters.registry import get_type
+    from adapters.sora import SoraConfig
+
+    configs = {"lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+               "sora": lambda: SoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+               "prefix": lambda: PrefixConfig(num_virtual_tokens=30),
+               "qaa": lambda: QAAConfig(circuit_layers=2)}
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        cfg = configs[kind]()
+        t = get_type(kind)
+        t.check_config(cfg, shape)
+        tensors = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in t.init(cfg, shape, g).items()}
+        out.append(Adapter(kind, cfg, tensors, shape))
+    return out
+
+
+def _stream(url, body) -> int:
+    import httpx
+
+    n = 0
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:])["token"] is not None:
+                n += 1
+    return n
+
+
+def _load(url, names, new_tokens) -> float:
+    bodies = [{"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {
+        "adapter_id": n, "max_new_tokens": new_tokens, "ignore_eos": True}} for i, n in enumerate(names)]
+    _stream(url, bodies[0])  # warm: this adapter's first load is not what is measured
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        total = sum(pool.map(lambda b: _stream(url, b), bodies))
+    return total / (time.perf_counter() - t0)
+
+
+def _peft_tok_s(model_dir, adapter_dirs, new_tokens) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pm = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
+    for i, d in enumerate(adapter_dirs[1:], 1):
+        pm.load_adapter(d, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(len(names))], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        pm.generate(**enc, adapter_names=names, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+        t0 = time.perf_counter()
+        out = pm.generate(**enc, adapter_names=names, **kw)
+    assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return len(names) * new_tokens / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--concurrency", default="8,32")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--types", default="lora,sora,prefix,qaa")
+    ap.add_argument("--no-peft", action="store_true")
+    args = ap.parse_args(argv)
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from adapters.files import CONFIG_NAME, WEIGHTS_NAME, save_dir, to_bytes
+    from engine.config import ModelConfig
+    from engine.weights import resolve_model_dir
+
+    conc = [int(c) for c in args.concurrency.split(",")]
+    store = tempfile.mkdtemp(prefix="qaa-bench-")
+    port = _port()
+    cmd = [sys.executable, "-m", "server.cli", "--port", str(port), "--adapter-dir", store,
+           "--max-running", str(max(conc)), "--max-device-adapters", str(max(conc)), "--max-seq-len", "512"]
+    if args.model:
+        cmd += ["--model", args.model]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            if server.poll() is not None:
+                raise SystemExit("qaa-serve did not start")
+            time.sleep(0.2)
+    model_dir = resolve_model_dir(args.model)
+    name = httpx.get(url + "/health").json()["model"]
+    print(f"model={name} threads={torch.get_num_threads()} new_tokens={args.new_tokens} types={args.types}")
+
+    def upload(name, ad):
+        cfg, weights = to_bytes(ad)
+        files = {CONFIG_NAME: (CONFIG_NAME, io.BytesIO(cfg)), WEIGHTS_NAME: (WEIGHTS_NAME, io.BytesIO(weights))}
+        r = httpx.put(f"{url}/v1/adapters/{name}", files=files, timeout=120)
+        assert r.status_code in (200, 201), r.text
+
+    shape = ModelConfig.from_dir(model_dir).shape()
+    mixed = _adapters(shape, args.types.split(","), max(conc))
+    loras = _adapters(shape, ["lora"], max(conc), seed=1)
+    for i, ad in enumerate(mixed):
+        upload(f"mixed-{i}", ad)
+    for i, ad in enumerate(loras):
+        upload(f"lora-{i}", ad)
+    for c in conc:
+        base, with_ad = [], []
+        for _ in range(2):  # alternate, keep the best of each
+            base.append(_load(url, [None] * c, args.new_tokens))
+            with_ad.append(_load(url, [f"mixed-{i}" for i in range(c)], args.new_tokens))
+        print(f"concurrency={c:<3d} base_tok_s={max(base):7.1f} mixed_adapters_tok_s={max(with_ad):7.1f} "
+              f"ratio={max(with_ad) / max(base):.2f}", flush=True)
+    if not args.no_peft:
+        tmp = Path(tempfile.mkdtemp(prefix="qaa-bench-peft-"))
+        dirs = [str(save_dir(ad, tmp / f"lora-{i}")) for i, ad in enumerate(loras)]
+        for c in conc:
+            ours = max(_load(url, [f"lora-{i}" for i in range(c)], args.new_tokens) for _ in range(2))
+            peft = max(_peft_tok_s(model_dir, dirs[:c], args.new_tokens) for _ in range(2))
+            print(f"concurrency={c:<3d} lora_only qaa_serve_tok_s={ours:7.1f} peft_adapter_names_tok_s={peft:7.1f} "
+                  f"ratio={ours / peft:.2f}", flush=True)
+    server.terminate()
+    server.wait()
+
+
+if __name__ == "__main__":
+    main()
