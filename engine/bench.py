@@ -2,9 +2,12 @@
 
     python -m engine.bench [--model PATH] [--batches 1,8] [--new-tokens 64] [--device auto]
 
-Both sides generate exactly --new-tokens tokens per row (EOS ignored) from the same prompts;
-tokens/s counts generated tokens over wall time, prefill included. Runs alternate, and the best
-of --repeats is kept for each, so a noisy neighbour hurts both alike.
+Both sides generate exactly --new-tokens tokens per row (EOS ignored) from the same prompts.
+Two readings per side, from the same runs:
+  e2e    = generated tokens / wall time of the whole call (prefill included);
+  decode = (N - 1) tokens per row / (t(N) - t(1)): the decode phase alone, prefill and the
+           first token subtracted (a run of 1 new token is timed beside each run of N).
+Runs alternate, and the best of --repeats is kept for each, so a noisy neighbour hurts both.
 """
 
 from __future__ import annotations
@@ -34,17 +37,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_engine(engine: Engine, prompts, n_new) -> float:
+def time_engine(engine: Engine, prompts, n_new) -> float:
     sp = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
     sync(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, sp)
     sync(engine.device)
     assert all(len(o.token_ids) == n_new for o in outs)
-    return len(prompts) * n_new / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
-def bench_hf(ref, tok, prompts, n_new, device) -> float:
+def time_hf(ref, tok, prompts, n_new, device) -> float:
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     sync(device)
     t0 = time.perf_counter()
@@ -52,7 +55,14 @@ def bench_hf(ref, tok, prompts, n_new, device) -> float:
         out = ref.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
     sync(device)
     assert out.shape[1] - enc.input_ids.shape[1] == n_new
-    return len(prompts) * n_new / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def readings(timer, B, n_new, repeats_out: list) -> None:
+    """Append (e2e tok/s, decode tok/s) of one run of n_new and one of 1 new token."""
+    t1 = timer(1)
+    tn = timer(n_new)
+    repeats_out.append((B * n_new / tn, B * (n_new - 1) / max(tn - t1, 1e-9)))
 
 
 def main(argv=None):
@@ -79,18 +89,23 @@ def main(argv=None):
         tok = AutoTokenizer.from_pretrained(engine.model_dir, padding_side="left")
     for B in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
-        bench_engine(engine, prompts, 8)  # warm-up
+        ours_t = lambda n: time_engine(engine, prompts, n)  # noqa: E731
+        hf_t = lambda n: time_hf(ref, tok, prompts, n, engine.device)  # noqa: E731
+        ours_t(8)  # warm-up
         if ref is not None:
-            bench_hf(ref, tok, prompts, 8, engine.device)
+            hf_t(8)
         ours, theirs = [], []
         for _ in range(args.repeats):
-            ours.append(bench_engine(engine, prompts, args.new_tokens))
+            readings(ours_t, B, args.new_tokens, ours)
             if ref is not None:
-                theirs.append(bench_hf(ref, tok, prompts, args.new_tokens, engine.device))
-        line = f"batch={B:<3d} engine_tok_s={max(ours):8.1f}"
-        if theirs:
-            line += f"  transformers_tok_s={max(theirs):8.1f}  ratio={max(ours) / max(theirs):.2f}"
-        print(line, flush=True)
+                readings(hf_t, B, args.new_tokens, theirs)
+        for i, what in enumerate(("e2e", "decode")):
+            o = max(r[i] for r in ours)
+            line = f"batch={B:<3d} {what:6s} engine_tok_s={o:8.1f}"
+            if theirs:
+                h = max(r[i] for r in theirs)
+                line += f"  transformers_tok_s={h:8.1f}  ratio={o / h:.2f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
