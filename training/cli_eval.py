@@ -1,0 +1,75 @@
+"""`qaa-eval` (score one adapter) and `qaa-compare` (train and score every method, write the report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _errors():
+    from adapters.base import AdapterError
+    from engine.errors import QaaError
+
+    return (QaaError, AdapterError)
+
+
+def eval_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qaa-eval", description="Score an adapter's greedy generations on held-out data.")
+    ap.add_argument("--adapter", default=None, help="adapter dir (or a full fine-tune's model dir); omit for the base model")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: ADAPTER/eval.json, or stdout)")
+    args = ap.parse_args(argv)
+    try:
+        from training.evaluate import METRICS, evaluate, table
+
+        res = evaluate(args.adapter, args.data, n=args.n, model=args.model, max_new_tokens=args.max_new_tokens,
+                       device=args.device)
+    except _errors() as e:
+        print(f"qaa-eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (Path(args.adapter) / "eval.json" if args.adapter else None)
+    if out:
+        out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    print(table({args.adapter or "base": {k: res[k] for k in METRICS}}))
+    return 0
+
+
+def compare_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qaa-compare", description="Train and evaluate every method; write report.md.")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--methods", default="full,lora,sora,prefix,qaa")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=100, help="held-out generations to score")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    try:
+        from engine.errors import InputError
+        from training.compare import compare
+        from training.loop import METHODS, TrainConfig
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise InputError(f"unknown method {bad[0] if bad else '(none)'!r} (one of {', '.join(METHODS)})")
+        base = TrainConfig(method=methods[0], data=args.data, out=args.out, model=args.model, steps=args.steps,
+                           batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, device=args.device, quiet=True)
+        report = compare(base, methods, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    except _errors() as e:
+        print(f"qaa-compare: error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
