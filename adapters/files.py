@@ -98,18 +98,29 @@ def to_bytes(ad: Adapter) -> tuple[bytes, bytes]:
     return json.dumps(cfg, indent=2).encode(), st_save(tensors, metadata={"format": "pt"})
 
 
+def stage_dir(parent: Path, files: dict[str, bytes], prefix: str) -> Path:
+    """Write files into a new dot-prefixed temp directory under parent, each fsynced; the
+    caller renames it into place (one atomic step) or removes it."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 def save_dir(ad: Adapter, path: str | os.PathLike) -> Path:
     """Write the adapter directory atomically (a reader sees the old one or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg, weights = to_bytes(ad)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = stage_dir(path.parent, {CONFIG_NAME: cfg, WEIGHTS_NAME: weights}, f".{path.name}.tmp-")
     try:
-        for name, data in ((CONFIG_NAME, cfg), (WEIGHTS_NAME, weights)):
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -117,14 +128,15 @@ def save_dir(ad: Adapter, path: str | os.PathLike) -> Path:
         os.rename(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _fsync_dir(p: Path) -> None:
+def fsync_dir(p: Path) -> None:
+    """Make a rename inside p durable."""
     fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -130,9 +130,9 @@ def scales_of(ad: Adapter) -> dict[tuple[int, str], float]:
     return ad.memo["scales"]
 
 
-def lora_delta(x, A, B, scale):
-    # x (..., in), A (r, in), B (out, r) -> (..., out)
-    return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * scale
+def lora_delta(x, A, B):
+    # x (..., in), A (r, in), B (out, r) with the scale folded in -> (..., out)
+    return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype)
 
 
 @register
@@ -164,21 +164,22 @@ class LoraType(AdapterType):
                 out[k] = torch.zeros(s)
         return out
 
-    def linear(self, ad, layer, name, x, y):
-        p = module_path(layer, name)
+    def factors(self, ad: Adapter, layer: int, proj: str):
+        """(A (r, in), B (out, r)) with the scale folded into B, or None if not adapted;
+        differentiable, so training and the bank share it (SoRA folds its gate in too)."""
+        p = module_path(layer, proj)
         A = ad.tensors.get(f"{p}.lora_A.weight")
         if A is None:
-            return y
-        return y + lora_delta(x, A, ad.tensors[f"{p}.lora_B.weight"], scales_of(ad)[(layer, name)])
+            return None
+        return A, ad.tensors[f"{p}.lora_B.weight"] * scales_of(ad)[(layer, proj)]
+
+    def linear(self, ad, layer, name, x, y):
+        f = self.factors(ad, layer, name)
+        return y if f is None else y + lora_delta(x, *f)
 
     def compiled(self, ad: Adapter):
-        """{(layer, proj): (A (r, in), B*scale (out, r))}: what a LoRA bank slot holds."""
-        sc = scales_of(ad)
-        return {
-            (layer, proj): (ad.tensors[f"{module_path(layer, proj)}.lora_A.weight"],
-                            ad.tensors[f"{module_path(layer, proj)}.lora_B.weight"] * s)
-            for (layer, proj), s in sc.items()
-        }
+        """{(layer, proj): (A, B*scale)}: what a LoRA bank slot holds."""
+        return {key: self.factors(ad, *key) for key in scales_of(ad)}
 
     def make_bank(self, shape, max_slots, device, dtype):
         return LoraBank(shape, max_slots, device, dtype)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from adapters.base import Adapter, AdapterError, module_path
-from adapters.lora import LoraBank, LoraConfig, LoraType, lora_delta, parse_lora_like, scales_of, targets
+from adapters.lora import LoraConfig, LoraType, parse_lora_like, scales_of, targets
 from adapters.registry import register
 
 SCHEDULES = ("constant", "linear", "step")
@@ -135,22 +135,9 @@ class SoraType(LoraType):
                 out[k] = torch.ones(s)
         return out
 
-    def linear(self, ad, layer, name, x, y):
-        p = module_path(layer, name)
-        A = ad.tensors.get(f"{p}.lora_A.weight")
-        if A is None:
-            return y
-        g = ad.tensors[f"{p}.lora_gate"]
-        return y + lora_delta(x, A * g[:, None], ad.tensors[f"{p}.lora_B.weight"], scales_of(ad)[(layer, name)])
-
-    def compiled(self, ad):
-        sc = scales_of(ad)
-        out = {}
-        for (layer, proj), s in sc.items():
-            p = module_path(layer, proj)
-            g = ad.tensors[f"{p}.lora_gate"]
-            out[(layer, proj)] = (ad.tensors[f"{p}.lora_A.weight"], ad.tensors[f"{p}.lora_B.weight"] * (g * s))
-        return out
-
-    def make_bank(self, shape, max_slots, device, dtype):
-        return LoraBank(shape, max_slots, device, dtype)
+    def factors(self, ad, layer, proj):
+        """LoRA's factors with the gate between them folded into B: B diag(g) * scale."""
+        f = super().factors(ad, layer, proj)
+        if f is None:
+            return None
+        return f[0], f[1] * ad.tensors[f"{module_path(layer, proj)}.lora_gate"]

@@ -21,7 +21,6 @@ import io
 import json
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 

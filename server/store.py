@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.base import Adapter, AdapterError, BaseShape
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, load_bytes, load_dir, parse_config
+from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -117,15 +116,10 @@ class Store:
             version = (old.version if old else 0) + 1
             while (adir / f"v{version}").exists():
                 version += 1
-            tmp = Path(tempfile.mkdtemp(dir=adir, prefix=".upload-"))
+            tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
             try:
-                for name, data in ((CONFIG_NAME, config), (WEIGHTS_NAME, weights)):
-                    with open(tmp / name, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
                 os.rename(tmp, adir / f"v{version}")
-                _fsync_dir(adir)
+                fsync_dir(adir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -145,14 +139,7 @@ class Store:
             adir = self.root / tenant / adapter_id
             trash = adir.parent / f".deleted-{adapter_id}-{time.time_ns()}"
             os.rename(adir, trash)  # one step: gone from view even if the rmtree is cut short
-            _fsync_dir(adir.parent)
+            fsync_dir(adir.parent)
         shutil.rmtree(trash, ignore_errors=True)
         return e
 
-
-def _fsync_dir(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,7 +5,6 @@ import json
 import threading
 
 import httpx
-import pytest
 
 from tests.adapters.cases import CASES, make
 from tests.server.harness import ProcServer, ThreadServer, adapter_files, generate, upload
