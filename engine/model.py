@@ -83,6 +83,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; same math as below when x is fp32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 like the reference implementation, then cast back.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -133,11 +135,21 @@ class Attention(nn.Module):
         # x (B, T, d); pos (B, T) absolute positions = cache indices; mask (B, 1, T, S) or None
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q, k, v = self.qkv(x, seams)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, Hkv, hd).transpose(1, 2)
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if seams is None and self.qkv_wt is not None:
+            # RoPE on q and k in one pass over the fused projection's output
+            y = x @ self.qkv_wt
+            if self.qkv_b is not None:
+                y = y + self.qkv_b
+            qk = apply_rope(y[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos.transpose(1, 2), sin.transpose(1, 2))
+            q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+            k = qk[:, :, H:].transpose(1, 2)
+            v = y[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x, seams)
+            q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)
+            v = v.view(B, T, Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer, rows, pos, k, v)
             k, v = cache.read(self.layer, rows, mask.shape[-1])  # (B, Hkv, S, hd)
