@@ -116,13 +116,15 @@ class Attention(nn.Module):
     def fuse(self):
         self.qkv_wt, self.qkv_b = fuse(self, ("q_proj", "k_proj", "v_proj"))
 
+    def _fused_qkv(self, x):
+        # (B, T, d) -> (B, T, (H + 2 Hkv) hd): q|k|v in one GEMM
+        y = x @ self.qkv_wt
+        return y if self.qkv_b is None else y + self.qkv_b
+
     def qkv(self, x, seams):
         if self.qkv_wt is None:
             return [self.proj(n, x, seams) for n in ("q_proj", "k_proj", "v_proj")]
-        y = x @ self.qkv_wt
-        if self.qkv_b is not None:
-            y = y + self.qkv_b
-        qkv = y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        qkv = self._fused_qkv(x).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         if seams is None:
             return qkv
         return [seams.linear(self.layer, n, x, t) for n, t in zip(("q_proj", "k_proj", "v_proj"), qkv)]
@@ -137,9 +139,7 @@ class Attention(nn.Module):
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         if seams is None and self.qkv_wt is not None:
             # RoPE on q and k in one pass over the fused projection's output
-            y = x @ self.qkv_wt
-            if self.qkv_b is not None:
-                y = y + self.qkv_b
+            y = self._fused_qkv(x)
             qk = apply_rope(y[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos.transpose(1, 2), sin.transpose(1, 2))
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, H:].transpose(1, 2)

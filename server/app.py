@@ -199,15 +199,15 @@ def _openai_params(body, max_tokens, ids) -> SamplingParams:
 
 
 async def _events(state: ServerState, req: GenRequest):
-    """The request's events until done; a cancelled consumer (disconnect) cancels the request."""
+    """The request's events until done; a consumer that stops early (disconnect) cancels it."""
+    ended = False
     try:
-        while True:
+        while not ended:
             ev: Event = await req.queue.get()
+            ended = ev.kind in ("done", "error")
             yield ev
-            if ev.kind in ("done", "error"):
-                return
     finally:
-        if not req.queue.empty() or req.seq is None or not req.seq.finished:
+        if not ended:
             state.scheduler.cancel(req)
 
 
