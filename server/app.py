@@ -80,6 +80,25 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     async def health():
         return {"status": "ok", "model": state.model_name}
 
+    @app.get("/info")
+    async def info():
+        """TGI's /info: what is served and its limits, plus the base model's shape (what a
+        client needs to build adapter files for it, e.g. qaa-loadtest's synthetic adapters)."""
+        from adapters.registry import REGISTRY
+
+        e, cfg = state.engine, state.engine.cfg
+        return {"model_id": state.model_name, "model_dtype": str(e.dtype).removeprefix("torch."),
+                "model_device_type": e.device.type, "max_total_tokens": e.max_seq_len,
+                "max_input_tokens": e.max_seq_len - 1, "max_new_tokens": state.max_new_tokens,
+                "max_concurrent_requests": state.scheduler.max_running,
+                "max_waiting_requests": state.scheduler.max_waiting,
+                "adapter_types": sorted(REGISTRY), "version": app.version,
+                "model_config": {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
+                                 "hidden_size": cfg.dim, "intermediate_size": cfg.intermediate_size,
+                                 "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                                 "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+                                 "eos_token_id": list(cfg.eos_token_ids)}}
+
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -253,9 +272,13 @@ async def _openai_response(state, req: GenRequest, request: Request, body, chat:
                   if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
         return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
 
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    extra = {"usage": None} if usage else {}
+
     async def events():
-        first = True
+        first, n = True, 0
         async for ev in _events(state, req):
+            n += ev.kind == "token"
             if ev.kind == "error":
                 yield _sse({"error": {"message": ev.message, "type": "generation"}})
                 return
@@ -268,7 +291,12 @@ async def _openai_response(state, req: GenRequest, request: Request, body, chat:
             else:
                 choice = {"index": 0, "text": ev.text, "finish_reason": reason, "logprobs": None}
             first = False
-            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model, "choices": [choice]})
+            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
+                        "choices": [choice], **extra})
+        if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+            p = len(req.prompt_ids)
+            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
+                        "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -31,6 +31,12 @@ class TGIRequest(BaseModel):
     stream: bool = False
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+    """Send a last chunk with token usage and no choices (OpenAI, vLLM)."""
+
+
 class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -43,6 +49,7 @@ class _OpenAIBase(BaseModel):
     """vLLM's extension."""
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None

@@ -193,6 +193,28 @@ def test_openai_client(srv):
     assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    # token-id prompts and stream_options.include_usage, as benchmark clients send them
+    ids = [40, 41, 42, 43, 44]
+    chunks = list(client.completions.create(model=model, prompt=ids, max_tokens=7, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 5
+    assert chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+    whole = client.completions.create(model=model, prompt=ids, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+
+
+def test_info_describes_the_served_model(srv, tiny_dir):
+    from engine.config import ModelConfig
+
+    info = httpx.get(srv.url + "/info").json()
+    hf = json.loads((tiny_dir / "config.json").read_text())
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads"):
+        assert info["model_config"][k] == hf[k], k
+    assert info["model_config"]["head_dim"] == ModelConfig.from_dir(tiny_dir).head_dim
+    assert info["model_id"] == srv.state.model_name and info["max_total_tokens"] == 256
+    assert info["max_concurrent_requests"] == 8 and set(info["adapter_types"]) == {"lora", "sora", "prefix", "qaa"}
 
 
 def test_metrics_parse_and_count(srv):
