@@ -77,6 +77,12 @@ def get_type(kind: str) -> AdapterType:
         raise AdapterError(f"unknown adapter type {kind!r} (known: {', '.join(sorted(REGISTRY))})") from None
 
 
+def kinds() -> list[str]:
+    """Every registered adapter type string, sorted."""
+    _load_all()
+    return sorted(REGISTRY)
+
+
 def type_for_peft(peft_type) -> AdapterType:
     _load_all()
     for t in REGISTRY.values():

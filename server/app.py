@@ -84,7 +84,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     async def info():
         """TGI's /info: what is served and its limits, plus the base model's shape (what a
         client needs to build adapter files for it, e.g. qaa-loadtest's synthetic adapters)."""
-        from adapters.registry import REGISTRY
+        from adapters.registry import kinds
 
         e, cfg = state.engine, state.engine.cfg
         return {"model_id": state.model_name, "model_dtype": str(e.dtype).removeprefix("torch."),
@@ -92,7 +92,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                 "max_input_tokens": e.max_seq_len - 1, "max_new_tokens": state.max_new_tokens,
                 "max_concurrent_requests": state.scheduler.max_running,
                 "max_waiting_requests": state.scheduler.max_waiting,
-                "adapter_types": sorted(REGISTRY), "version": app.version,
+                "adapter_types": kinds(), "version": app.version,
                 "model_config": {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
                                  "hidden_size": cfg.dim, "intermediate_size": cfg.intermediate_size,
                                  "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
