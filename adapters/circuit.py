@@ -152,8 +152,16 @@ def _phase_signs(n: int, L: int, device) -> torch.Tensor:
     return _derived[key]
 
 
-def readout(n: int, k: int, device) -> torch.Tensor:
-    """(2^n, n): <Z> = |psi|^2 @ readout after k more ring permutations P."""
+def readout(n: int, k: int, device, ones: bool = False, stacked: int = 1) -> torch.Tensor:
+    """(2^n, n): <Z> = |psi|^2 @ readout after k more ring permutations P. `ones` appends a
+    column of ones (|psi|^2); `stacked` repeats the rows (squares of parts read in one matmul)."""
+    if ones or stacked > 1:
+        key = ("readout", n, k, str(device), ones, stacked)
+        if key not in _derived:
+            r = readout(n, k, device)
+            r = torch.cat([r, torch.ones(r.shape[0], 1, device=r.device)], 1) if ones else r
+            _derived[key] = torch.cat([r] * stacked)
+        return _derived[key]
     key = ("readout", n, k, str(device))
     if key not in _derived:
         p = _plan_cpu(n)
@@ -167,34 +175,52 @@ def readout(n: int, k: int, device) -> torch.Tensor:
     return _derived[key]
 
 
-def expectations(psi: torch.Tensor, compiled, rotation: str, n: int, L: int) -> torch.Tensor:
-    """<Z_q> for states psi (..., 2^n) -> (..., n).
+def embed_wht(h: torch.Tensor, n: int) -> torch.Tensor:
+    """H pad(h): the Walsh-Hadamard transform of the zero-padded amplitudes (..., d) -> (..., 2^n).
 
-    psi need not be normalised: <Z> is quadratic in psi, so the result is divided by |psi|^2
-    at the end (n values instead of a pass over 2^n). `compiled` comes from compile_circuit;
-    its leading dims broadcast against psi's batch dims (e.g. (B, 1, 2, 2^n) per-row RX).
+    The padded state as a (2^a, 2^b) matrix has only its first ceil(d / 2^b) rows non-zero,
+    so when 2^b divides d, h itself is that block (a view, no padding copy) and only those
+    columns of the high factor are used."""
+    p = plan(n, h.device)
+    lo_size = 1 << (n - p.a)
+    rows = -(-h.shape[-1] // lo_size)
+    if h.shape[-1] != rows * lo_size:
+        h = torch.nn.functional.pad(h, (0, rows * lo_size - h.shape[-1]))
+    X = h.reshape(*h.shape[:-1], rows, lo_size)
+    return (_hi_cols(n, rows, h.device) @ X @ p.h_lo).reshape(*h.shape[:-1], 1 << n)  # H_lo is symmetric
+
+
+def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_one: bool = False) -> torch.Tensor:
+    """<Z_q> for hidden states h (..., d), amplitude-embedded into n qubits -> (..., n).
+
+    h need not be normalised: <Z> is quadratic in the state, so the readout matmul carries
+    one more column of ones (giving |h|^2) and the result is divided by it. With `with_one`
+    that column is kept, as an exact 1 after the division: (..., n + 1), ready to multiply
+    [W_up | b]. `compiled` comes from compile_circuit; its leading dims broadcast against h's
+    batch dims (e.g. (B, 1, 2, 2^n) per-row RX).
     """
-    p = plan(n, psi.device)
-    norm2 = (psi * psi).sum(-1, keepdim=True).clamp_min(1e-24)
+    p = plan(n, h.device)
+    h = h.float()
     if rotation == "RY":
         hi, lo = compiled
+        psi = pad(h, n)
         for l in range(L):
             psi = kron_apply(psi, hi[..., l, :, :], lo[..., l, :, :], p.a).index_select(-1, p.ring)
-        return (psi * psi) @ p.zsign / norm2  # every ring already applied
-    u = kron_apply(psi, p.h_hi, p.h_lo, p.a)  # H psi, real
-    # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
-    # imaginary part vanishes in |.|^2
-    ri = kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a)  # (..., 2, 2^n)
-    sq = (ri * ri).flatten(-2)  # (..., 2 * 2^n): re^2 then im^2
-    return sq @ readout2(n, L, psi.device) / norm2
+        out = (psi * psi) @ readout(n, 0, h.device, ones=True)  # every ring already applied
+    else:
+        u = embed_wht(h, n)  # H psi, real
+        # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
+        # imaginary part vanishes in |.|^2
+        ri = kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a)  # (..., 2, 2^n)
+        out = (ri * ri).flatten(-2) @ readout(n, L, h.device, ones=True, stacked=2)  # re^2 then im^2
+    out = out / out[..., n:].clamp_min(1e-30)
+    return out if with_one else out[..., :n]
 
 
-def readout2(n: int, k: int, device) -> torch.Tensor:
-    """(2 * 2^n, n): readout stacked twice, so re^2 and im^2 are read in one matmul."""
-    key = ("readout2", n, k, str(device))
+def _hi_cols(n: int, rows: int, device) -> torch.Tensor:
+    key = ("hi_cols", n, rows, str(device))
     if key not in _derived:
-        r = readout(n, k, device)
-        _derived[key] = torch.cat([r, r])
+        _derived[key] = plan(n, device).h_hi[:, :rows].contiguous()
     return _derived[key]
 
 
@@ -206,7 +232,7 @@ def pad(h: torch.Tensor, n: int) -> torch.Tensor:
 def circuit_z(h: torch.Tensor, theta: torch.Tensor, rotation: str) -> torch.Tensor:
     """<Z> of one adapter's circuit for hidden states h (..., d): autograd through everything."""
     L, n = theta.shape
-    return expectations(pad(h, n), compile_circuit(theta, rotation), rotation, n, L)
+    return expectations(h, compile_circuit(theta, rotation), rotation, n, L)
 
 
 class _ParameterShift(torch.autograd.Function):

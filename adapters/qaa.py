@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
-from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations, pad
+from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
 from adapters.registry import AdapterType, register
 
 PLACES = ("attn", "mlp")
@@ -149,21 +149,23 @@ class QAABank:
     """Slot bank for QAA adapters, grouped by circuit variant (rotation, L).
 
     Per module (layer, where) and variant: the compiled circuit (RX: (S, 2, 2^n) cos/sin of
-    the total phase; RY: Kronecker factors (S, L, 2^a, 2^a), (S, L, 2^b, 2^b)), W_up (S, d, n) and b (S, d), all
-    fp32 (the circuit's precision does not follow the model's dtype). Slot 0 stays empty.
+    the total phase; RY: Kronecker factors (S, L, 2^a, 2^a), (S, L, 2^b, 2^b)) and [W_up | b]
+    stacked as (S, n + 1, d), all fp32 (the circuit's precision does not follow the model's
+    dtype). Slot 0 stays empty.
 
     `residual(layer, where, h, route)` has the semantics of this reference loop:
         for b in range(len(h)):
             s = slots[b]
             if s and (layer, where) in adapter(s):
                 h[b] = h[b] + W_up[s] @ Z(h[b]; circuit[s]) + b[s]
-    computed for all rows of one variant at once (per-row compiled tensors gathered by slot).
+    computed for all rows of one variant at once (per-row compiled tensors gathered by slot):
+    [Z, 1] @ [W_up | b]^T added to h in one batched matmul.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device):
         self.shape, self.S, self.device = shape, max_slots, device
         self.n = n_qubits(shape.dim)
-        self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, c1, up, b]
+        self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
         self.gathered: dict = {}  # (module, variant, slots of the rows) -> per-row tensors
 
@@ -171,7 +173,8 @@ class QAABank:
         per_module, variant = compiled
         assert 0 < slot < self.S
         self.clear(slot)
-        for (layer, w), tensors in per_module.items():
+        for (layer, w), (*circuit, up, b) in per_module.items():
+            tensors = (*circuit, torch.cat([up.t(), b[None]]))  # upb: (n + 1, d)
             k = (layer, w, variant)
             if k not in self.mods:
                 self.mods[k] = [torch.zeros(self.S, *t.shape, device=self.device) for t in tensors]
@@ -207,13 +210,16 @@ class QAABank:
 
     def residual(self, layer, where, h, route):
         for variant, rows, sl in route.get((layer, where), ()):
-            *circuit, up_t, b = self._gather((layer, where, variant), sl)
+            *circuit, upb = self._gather((layer, where, variant), sl)
             rotation, L = variant
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
-            z = expectations(pad(x, self.n), compiled, rotation, self.n, L)  # (B', T, n)
-            delta = torch.baddbmm(b, z, up_t).to(h.dtype)  # (B', T, d)
-            h = h + delta if rows is None else h.index_add_(0, rows, delta)
+            z1 = expectations(x, compiled, rotation, self.n, L, with_one=True)  # (B', T, n + 1): [Z, 1]
+            if rows is None and h.dtype == torch.float32:
+                h = torch.baddbmm(h, z1, upb)  # h + Z W_up^T + b, one op
+            else:
+                delta = torch.bmm(z1, upb).to(h.dtype)  # (B', T, d)
+                h = h + delta if rows is None else h.index_add_(0, rows, delta)
         return h
 
     def _gather(self, key, sl: tuple):
@@ -222,7 +228,7 @@ class QAABank:
         if g is None:
             if len(self.gathered) > 8192:
                 self.gathered.clear()
-            *circuit, up, b = self.mods[key]
-            idx = torch.tensor(sl, device=up.device)
-            g = self.gathered[(key, sl)] = (*(c[idx][:, None] for c in circuit), up[idx].transpose(1, 2), b[idx][:, None])
+            *circuit, upb = self.mods[key]
+            idx = torch.tensor(sl, device=upb.device)
+            g = self.gathered[(key, sl)] = (*(c[idx][:, None] for c in circuit), upb[idx])
         return g

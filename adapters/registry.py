@@ -21,6 +21,13 @@ class AdapterType:
     """Registry key ('lora')."""
     peft_type: str = ""
     """Value of "peft_type" in adapter_config.json ('LORA')."""
+    bank: str = ""
+    """Which type's slot bank serves it when it is not its own (SoRA: 'lora'), so that one
+    batched kernel covers both types' rows."""
+
+    @property
+    def bank_kind(self) -> str:
+        return self.bank or self.kind
 
     # --- config and tensors --------------------------------------------------------------
     def parse_config(self, d: dict):

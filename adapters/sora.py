@@ -117,7 +117,7 @@ def to_lora(ad: Adapter) -> Adapter:
 
 @register
 class SoraType(LoraType):
-    kind, peft_type = "sora", "SORA"
+    kind, peft_type, bank = "sora", "SORA", "lora"  # served pruned and gate-folded, as a LoRA
 
     def parse_config(self, d):
         return parse_lora_like(SoraConfig, d)

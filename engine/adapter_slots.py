@@ -24,6 +24,8 @@ class Handle:
     kind: str
     slot: int
     virtual_tokens: int
+    bank: str
+    """The bank holding it (its kind's, or the one its type is served by: SoRA -> lora)."""
 
 
 class AdapterSlots:
@@ -33,12 +35,21 @@ class AdapterSlots:
         self.free: dict[str, list[int]] = {}
         self.handles: dict[str, Handle] = {}
 
+    def bank_of(self, kind: str) -> str:
+        return get_type(kind).bank_kind
+
+    def full(self, kind: str) -> bool:
+        """Whether the bank that would hold an adapter of this type has no free slot."""
+        b = self.bank_of(kind)
+        return b in self.free and not self.free[b]
+
     def _bank(self, kind: str):
-        if kind not in self.banks:
+        b = self.bank_of(kind)
+        if b not in self.banks:
             # slot 0 means "no adapter", so a bank has max_adapters + 1 slots
-            self.banks[kind] = get_type(kind).make_bank(self.shape, self.max_adapters + 1, self.device, self.dtype)
-            self.free[kind] = list(range(self.max_adapters, 0, -1))
-        return self.banks[kind]
+            self.banks[b] = get_type(b).make_bank(self.shape, self.max_adapters + 1, self.device, self.dtype)
+            self.free[b] = list(range(self.max_adapters, 0, -1))
+        return self.banks[b]
 
     def load(self, name: str, source: str | Path | Adapter) -> Handle:
         """Validate (if a directory), compile and copy an adapter into a free slot of its type.
@@ -49,23 +60,23 @@ class AdapterSlots:
         ad = source if isinstance(source, Adapter) else load_dir(source, self.shape)
         t = get_type(ad.kind)
         compiled = _to_device(t.compiled(ad), self.device)
-        bank = self._bank(ad.kind)
+        bank, b = self._bank(ad.kind), t.bank_kind
         old = self.handles.get(name)
-        if self.free[ad.kind]:
-            slot = self.free[ad.kind].pop()
-        elif old is not None and old.kind == ad.kind:
+        if self.free[b]:
+            slot = self.free[b].pop()
+        elif old is not None and old.bank == b:
             slot = old.slot  # replace in place; banks check before they clear a slot
         else:
-            raise AdapterError(f"all {self.max_adapters} {ad.kind} adapter slots are in use")
+            raise AdapterError(f"all {self.max_adapters} {b} adapter slots are in use")
         try:
             bank.load(slot, compiled)
         except BaseException:
             if old is None or slot != old.slot:
-                self.free[ad.kind].append(slot)
+                self.free[b].append(slot)
             raise
-        if old is not None and (old.kind, old.slot) != (ad.kind, slot):
+        if old is not None and (old.bank, old.slot) != (b, slot):
             self._release(old)
-        self.handles[name] = h = Handle(name, ad.kind, slot, t.virtual_tokens(ad.config))
+        self.handles[name] = h = Handle(name, ad.kind, slot, t.virtual_tokens(ad.config), b)
         return h
 
     def unload(self, name: str) -> None:
@@ -75,8 +86,8 @@ class AdapterSlots:
         self._release(h)
 
     def _release(self, h: Handle) -> None:
-        self.banks[h.kind].clear(h.slot)
-        self.free[h.kind].append(h.slot)
+        self.banks[h.bank].clear(h.slot)
+        self.free[h.bank].append(h.slot)
 
     def get(self, name: str) -> Handle:
         try:
@@ -87,12 +98,12 @@ class AdapterSlots:
     def seams_for(self, handles: list[Handle | None], device) -> BatchSeams | None:
         """Per-row routing for one forward; None when no row uses a per-row adapter."""
         slots = {}
-        for kind in self.banks:
-            if kind == "prefix":
+        for b in self.banks:
+            if b == "prefix":
                 continue
-            s = [h.slot if h is not None and h.kind == kind else 0 for h in handles]
+            s = [h.slot if h is not None and h.bank == b else 0 for h in handles]
             if any(s):
-                slots[kind] = torch.tensor(s, device=device)
+                slots[b] = torch.tensor(s, device=device)
         seams = BatchSeams(self.banks, slots) if slots else None
         return seams if seams else None
 

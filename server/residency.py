@@ -115,13 +115,13 @@ class Residency:
 
     def _make_room(self, kind: str) -> bool:
         slots = self.engine.adapters
-        full_kind = kind in slots.free and not slots.free[kind]
+        full_kind = slots.full(kind)
         if len(self.device) < self.max_device and not full_kind:
             return True
         for key, h in self.device.items():  # least recently used first
             if self.pins[key]:
                 continue
-            if full_kind and h.kind != kind and len(self.device) < self.max_device:
+            if full_kind and h.bank != slots.bank_of(kind) and len(self.device) < self.max_device:
                 continue
             slots.unload(slot_name(key))
             del self.device[key]

@@ -15,7 +15,7 @@ TOKENS = torch.tensor([[5, 9, 33, 100, 7, 61, 200, 12, 3, 44, 90]])
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return Engine(tiny_dir, device="cpu", max_batch=16, max_seq_len=64, max_adapters=4)
+    return Engine(tiny_dir, device="cpu", max_batch=16, max_seq_len=64, max_adapters=8)  # lora and sora rows share one bank
 
 
 def ref_logits(engine, ad, tokens=TOKENS):
