@@ -197,15 +197,15 @@ class LoraBank:
             y[b] += x[b] @ A[slots[b]].T @ B[slots[b]].T
     computed as two batched matmuls over just the rows whose adapter has this module, and
     just the first r columns, r = the largest rank among them (the rest is zero padding).
-    The per-row weights gathered for a batch are kept until a slot changes, because decode
-    steps repeat the same batch composition.
+    The per-row weights gathered for a batch are kept (one composition per module) until a
+    slot or the composition changes, because decode steps repeat the same batch composition.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device, dtype, max_rank: int = 64):
         self.shape, self.S, self.device, self.dtype, self.max_rank = shape, max_slots, device, dtype, max_rank
         self.mods: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.ranks: dict[tuple[int, str], list[int]] = {}  # module -> rank held by each slot (0 = none)
-        self.gathered: dict = {}  # (module, slots of the rows) -> (A, Bt) gathered for them
+        self.gathered: dict = {}  # module -> (slots of the rows, (A, Bt) gathered for them)
 
     def _mod(self, key):
         if key not in self.mods:
@@ -241,6 +241,11 @@ class LoraBank:
     def route(self, slots: torch.Tensor) -> "_Route":
         return _Route(slots.tolist(), slots.device)
 
+    def active(self, route) -> set:
+        """The (layer, proj) modules that some row of this route adapts."""
+        used = set(route.slots) - {0}
+        return {key for key, ranks in self.ranks.items() if any(ranks[s] for s in used)}
+
     def linear(self, layer, name, x, y, route):
         ranks = self.ranks.get((layer, name))
         if ranks is None:
@@ -248,13 +253,12 @@ class LoraBank:
         rows, sl, active = route.select(ranks)
         if not active:
             return y
-        g = self.gathered.get(((layer, name), active))
-        if g is None:
-            if len(self.gathered) > 8192:
-                self.gathered.clear()
+        held = self.gathered.get((layer, name))
+        if held is None or held[0] != active:  # only the latest composition is kept per module
             r = max(ranks[s] for s in active)
             A, Bt = self.mods[(layer, name)]
-            g = self.gathered[((layer, name), active)] = (A[sl, :r].transpose(1, 2), Bt[sl, :r])
+            held = self.gathered[(layer, name)] = (active, (A[sl, :r].transpose(1, 2), Bt[sl, :r]))
+        g = held[1]
         xs = x if rows is None else x[rows]
         d = torch.bmm(torch.bmm(xs, g[0]), g[1])  # (B', T, r) -> (B', T, out)
         return y + d if rows is None else y.index_add_(0, rows, d)  # y is fresh: no aliasing

@@ -167,7 +167,7 @@ class QAABank:
         self.n = n_qubits(shape.dim)
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
-        self.gathered: dict = {}  # (module, variant, slots of the rows) -> per-row tensors
+        self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
 
     def load(self, slot: int, compiled) -> None:
         per_module, variant = compiled
@@ -208,6 +208,10 @@ class QAABank:
             route.setdefault(m, []).append((variant, rows_t, tuple(sl)))
         return route
 
+    def active(self, route) -> set:
+        """The (layer, where) modules that some row of this route adapts."""
+        return set(route)
+
     def residual(self, layer, where, h, route):
         for variant, rows, sl in route.get((layer, where), ()):
             *circuit, upb = self._gather((layer, where, variant), sl)
@@ -223,12 +227,11 @@ class QAABank:
         return h
 
     def _gather(self, key, sl: tuple):
-        # decode steps repeat the same batch composition: gather per-row tensors once
-        g = self.gathered.get((key, sl))
-        if g is None:
-            if len(self.gathered) > 8192:
-                self.gathered.clear()
+        # decode steps repeat the same batch composition: gather per-row tensors once, and
+        # keep only the latest composition per module (memory stays one batch's worth)
+        held = self.gathered.get(key)
+        if held is None or held[0] != sl:
             *circuit, upb = self.mods[key]
             idx = torch.tensor(sl, device=upb.device)
-            g = self.gathered[(key, sl)] = (*(c[idx][:, None] for c in circuit), upb[idx])
-        return g
+            held = self.gathered[key] = (sl, (*(c[idx][:, None] for c in circuit), upb[idx]))
+        return held[1]
