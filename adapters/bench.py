@@ -1,12 +1,11 @@
 """Adapter benchmarks (scripts, not tests).
 
-    python -m adapters.bench [--tokens 512] [--dim 576] [--layers 2] [--skip-mixed]
+    python -m adapters.bench [--tokens 512] [--dim 576] [--layers 2]
 
-1. The compiled QAA forward vs PennyLane's qml.qnn.TorchLayer on the same circuit and inputs
-   (the module's <Z> readout), same process: prints the outputs' max abs diff and, last,
-   `speedup_vs_pennylane=<x>`.
-2. Decode-step cost of a mixed batch (8 rows, 8 different adapters of mixed types) vs the same
-   batch with no adapters, through the engine, on the default model (--model to change).
+The compiled QAA forward vs PennyLane's qml.qnn.TorchLayer on the same circuit and inputs
+(the module's <Z> readout), same process: prints the outputs' max abs diff and, last,
+`speedup_vs_pennylane=<x>`. (The mixed-adapter decode step through the engine is
+`python -m engine.bench_adapters`: adapters/ does not import the engine.)
 """
 
 from __future__ import annotations
@@ -47,60 +46,6 @@ def bench_circuit(tokens: int, dim: int, layers: int, rotation: str, repeats: in
     return t_pl / t_ours
 
 
-def bench_mixed(model, steps: int, repeats: int):
-    from adapters.base import Adapter
-    from adapters.lora import LoraConfig
-    from adapters.prefix import PrefixConfig
-    from adapters.qaa import QAAConfig
-    from adapters.registry import get_type
-    from adapters.sora import SoraConfig
-    from engine.bench import PROMPTS
-    from engine.engine import Engine
-    from engine.sampling import SamplingParams
-    from engine.steps import decode, prefill
-
-    engine = Engine(model, device="cpu", max_batch=8, max_seq_len=256, max_adapters=8)
-    configs = [("lora", LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
-               ("lora", LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
-               ("sora", SoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
-               ("sora", SoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])),
-               ("prefix", PrefixConfig(num_virtual_tokens=30)),
-               ("prefix", PrefixConfig(num_virtual_tokens=10)),
-               ("qaa", QAAConfig(circuit_layers=2, rotation="RX")),
-               ("qaa", QAAConfig(circuit_layers=2, rotation="RY", placement=["mlp"]))]
-    g = torch.Generator().manual_seed(0)
-    names = []
-    for i, (kind, cfg) in enumerate(configs):
-        t = get_type(kind)
-        t.check_config(cfg, engine.shape)
-        tensors = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in t.init(cfg, engine.shape, g).items()}
-        engine.load_adapter(f"a{i}", Adapter(kind, cfg, tensors, engine.shape))
-        names.append(f"a{i}")
-
-    def step_time(adapters):
-        sp = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
-        seqs = [engine.new_sequence(engine.encode_prompt(p), sp, a) for p, a in zip(PROMPTS, adapters)]
-        for s in seqs:
-            engine.admit(s)
-        prefill(engine.model, engine.cache, seqs, engine.seams_for(seqs))
-        decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
-        dt = (time.perf_counter() - t0) / steps
-        for s in seqs:
-            engine.cache.free(s.slot)
-        return dt
-
-    base, mixed = [], []
-    for _ in range(repeats):  # alternate so drift hurts both alike
-        base.append(step_time([None] * 8))
-        mixed.append(step_time(names))
-    b, m = min(base), min(mixed)
-    print(f"decode step, batch 8, model={engine.name}: no_adapters_ms={b * 1e3:.1f} "
-          f"mixed_8_adapters_ms={m * 1e3:.1f} overhead={m / b:.2f}x")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
@@ -108,13 +53,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rotation", default="RX")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--skip-mixed", action="store_true")
     args = ap.parse_args(argv)
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    if not args.skip_mixed:
-        bench_mixed(args.model, args.steps, args.repeats)
     speedup = bench_circuit(args.tokens, args.dim, args.layers, args.rotation, args.repeats)
     print(f"speedup_vs_pennylane={speedup:.1f}")
 

@@ -74,8 +74,11 @@ def prepare(aset: AdapterSet, url: str, n: int, types: dict[str, float], info: d
                 aset.uploaded.append(futs[f])
                 done += 1
                 if show_progress and (done % 25 == 0 or done == len(todo)):
-                    print(f"\r[upload] {done}/{len(todo)} adapters", end="\n" if done == len(todo) else "",
-                          file=sys.stderr, flush=True)
+                    last = done == len(todo)
+                    if sys.stderr.isatty():  # in place on a terminal, a line now and then in a log
+                        print(f"\r[upload] {done}/{len(todo)} adapters", end="\n" if last else "", file=sys.stderr, flush=True)
+                    elif last or done % 250 == 0:
+                        print(f"[upload] {done}/{len(todo)} adapters", file=sys.stderr, flush=True)
         except BaseException:
             for f in futs:
                 f.cancel()
