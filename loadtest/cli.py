@@ -161,11 +161,9 @@ async def _warm(args, info) -> None:
     """One short request so the server's first-request costs are not in the first run."""
     import httpx
 
-    from loadtest.client import Record, stream_completion
-
     async with httpx.AsyncClient() as c:
-        await stream_completion(c, args.url, info["model_id"], Record(-1, None, 4, 2), [100, 101, 102, 103],
-                                time.perf_counter(), args.api_key, 60)
+        await http.stream_completion(c, args.url, info["model_id"], http.Record(-1, None, 4, 2), [100, 101, 102, 103],
+                                     time.perf_counter(), args.api_key, 60)
 
 
 if __name__ == "__main__":
