@@ -12,9 +12,11 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
 ENV PYTHONUNBUFFERED=1 QAA_CACHE_DIR=/opt/qaa-cache HF_HUB_OFFLINE=1
 
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip && rm -rf /var/lib/apt/lists/*; \
-    fi
+# gcc: the adapters' fused CPU kernels are compiled for the host CPU on first use (without a
+# compiler the server still runs, on the slower torch path)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+      $(command -v python3 >/dev/null || echo python3 python3-venv python3-pip) \
+ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 COPY pyproject.toml README.md Makefile ./

@@ -8,7 +8,9 @@ tensors into parameters; serving compiles them into a slot bank.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,14 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTN_PROJ + MLP_PROJ
 PEFT_PREFIX = "base_model.model.model.layers"
+CACHE_ENV = "QAA_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where qaa-serve keeps what it derives once per machine (converted checkpoints, compiled
+    kernels): $QAA_CACHE_DIR, else ~/.cache/qaa-serve."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "qaa-serve"
 
 
 class AdapterError(ValueError):

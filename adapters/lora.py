@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from adapters import cpu_kernels
 from adapters.base import (
     PROJECTIONS, Adapter, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, module_path,
 )
@@ -199,12 +200,15 @@ class LoraBank:
     just the first r columns, r = the largest rank among them (the rest is zero padding).
     The per-row weights gathered for a batch are kept (one composition per module) until a
     slot or the composition changes, because decode steps repeat the same batch composition.
+    Up to cpu_kernels.MAX_TOKENS fp32 tokens on the CPU go through the fused kernel instead:
+    one call per module, reading the slots directly, adding into y in place.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device, dtype, max_rank: int = 64):
         self.shape, self.S, self.device, self.dtype, self.max_rank = shape, max_slots, device, dtype, max_rank
         self.mods: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.ranks: dict[tuple[int, str], list[int]] = {}  # module -> rank held by each slot (0 = none)
+        self.rank_t: dict[tuple[int, str], torch.Tensor] = {}  # the same as (S,) int64 tensors, for the kernel
         self.gathered: dict = {}  # module -> (slots of the rows, (A, Bt) gathered for them)
 
     def _mod(self, key):
@@ -213,6 +217,7 @@ class LoraBank:
             self.mods[key] = (torch.zeros(self.S, self.max_rank, i, device=self.device, dtype=self.dtype),
                               torch.zeros(self.S, self.max_rank, o, device=self.device, dtype=self.dtype))
             self.ranks[key] = [0] * self.S
+            self.rank_t[key] = torch.zeros(self.S, dtype=torch.int64)
         return self.mods[key]
 
     def load(self, slot: int, compiled: dict) -> None:
@@ -227,7 +232,7 @@ class LoraBank:
             r = A.shape[0]
             bA[slot, :r].copy_(A)
             bBt[slot, :r].copy_(B.t())
-            self.ranks[key][slot] = r
+            self.ranks[key][slot] = self.rank_t[key][slot] = r
 
     def clear(self, slot: int) -> None:
         self.gathered.clear()
@@ -236,7 +241,7 @@ class LoraBank:
                 bA, bB = self.mods[key]
                 bA[slot].zero_()
                 bB[slot].zero_()
-                ranks[slot] = 0
+                ranks[slot] = self.rank_t[key][slot] = 0
 
     def route(self, slots: torch.Tensor) -> "_Route":
         return _Route(slots.tolist(), slots.device)
@@ -250,6 +255,9 @@ class LoraBank:
         ranks = self.ranks.get((layer, name))
         if ranks is None:
             return y
+        if route.listed is not None and x.shape[1] * len(route.listed[0]) <= cpu_kernels.MAX_TOKENS \
+                and cpu_kernels.usable(x, y):
+            return cpu_kernels.lora_(y, x, *route.listed, self.rank_t[(layer, name)], *self.mods[(layer, name)])
         rows, sl, active = route.select(ranks)
         if not active:
             return y
@@ -269,6 +277,9 @@ class _Route:
 
     def __init__(self, slots: list[int], device):
         self.slots, self.device, self.cache = slots, device, {}
+        used = [b for b, s in enumerate(slots) if s]
+        # every row with a slot and its slot, for the CPU kernel (which skips rank-0 modules)
+        self.listed = (torch.tensor(used), torch.tensor([slots[b] for b in used])) if device.type == "cpu" else None
 
     def select(self, ranks: list[int]):
         """(rows or None for all, their slots, the slots as a tuple) for the rows whose slot

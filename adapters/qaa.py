@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
+from adapters import cpu_kernels
 from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
 from adapters.registry import AdapterType, register
 
@@ -159,7 +160,9 @@ class QAABank:
             if s and (layer, where) in adapter(s):
                 h[b] = h[b] + W_up[s] @ Z(h[b]; circuit[s]) + b[s]
     computed for all rows of one variant at once (per-row compiled tensors gathered by slot):
-    [Z, 1] @ [W_up | b]^T added to h in one batched matmul.
+    [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules of up to
+    cpu_kernels.MAX_TOKENS fp32 tokens on the CPU go through the fused kernel instead (one call
+    per module, reading the bank's slots directly; same semantics).
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device):
@@ -190,22 +193,29 @@ class QAABank:
                 t[slot].zero_()
 
     def route(self, slots: torch.Tensor):
-        """Per forward: {(layer, where): [(variant, rows, slot_ids)]} for the rows that use QAA."""
-        groups: dict = {}
+        """Per forward: {(layer, where): [(variant, rows, slot_ids, listed)]} for the rows that
+        use QAA; rows is None when every row does; listed = (rows, slots) as CPU int64 tensors
+        for the fused kernel. Modules used by the same slots share one entry."""
         by_slot: dict[int, list[int]] = {}
         for b, s in enumerate(slots.tolist()):
             if s:
                 by_slot.setdefault(s, []).append(b)
-        for s, rows in by_slot.items():
+        users: dict = {}  # (module, variant) -> slots that have it
+        for s in by_slot:
             variant, mods = self.owned.get(s, (None, ()))
             for m in mods:
-                groups.setdefault((m, variant), ([], []))
-                groups[(m, variant)][0].extend(rows)
-                groups[(m, variant)][1].extend([s] * len(rows))
+                users.setdefault((m, variant), []).append(s)
+        made: dict = {}
         route: dict = {}
-        for (m, variant), (rows, sl) in groups.items():
-            rows_t = None if rows == list(range(len(slots))) else torch.tensor(rows, device=slots.device)
-            route.setdefault(m, []).append((variant, rows_t, tuple(sl)))
+        for (m, variant), ss in users.items():
+            key = (variant, tuple(ss))
+            if key not in made:
+                rows = [b for s in ss for b in by_slot[s]]
+                sl = tuple(s for s in ss for _ in by_slot[s])
+                rows_t = None if rows == list(range(len(slots))) else torch.tensor(rows, device=slots.device)
+                listed = (torch.tensor(rows), torch.tensor(sl)) if slots.device.type == "cpu" else None
+                made[key] = (variant, rows_t, sl, listed)
+            route.setdefault(m, []).append(made[key])
         return route
 
     def active(self, route) -> set:
@@ -213,9 +223,13 @@ class QAABank:
         return set(route)
 
     def residual(self, layer, where, h, route):
-        for variant, rows, sl in route.get((layer, where), ()):
-            *circuit, upb = self._gather((layer, where, variant), sl)
+        for variant, rows, sl, listed in route.get((layer, where), ()):
             rotation, L = variant
+            if rotation == "RX" and listed is not None and h.shape[1] * len(sl) <= cpu_kernels.MAX_TOKENS and cpu_kernels.usable(h) and h.is_contiguous():
+                phase, upb = self.mods[(layer, where, variant)]
+                h = cpu_kernels.qaa_rx_(h, *listed, phase, upb, self.n, L)
+                continue
+            *circuit, upb = self._gather((layer, where, variant), sl)
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
             z1 = expectations(x, compiled, rotation, self.n, L, with_one=True)  # (B', T, n + 1): [Z, 1]

