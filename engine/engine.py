@@ -127,10 +127,25 @@ class Engine:
             running = [s for s in seqs if not s.finished]
             while running:
                 decode(self.model, self.cache, running, self.seams_for(running))
-                running = [s for s in running if not s.finished]
+                done = [s for s in running if s.finished]
+                if done:
+                    for s in done:
+                        self.cache.free(s.slot)
+                        s.slot = -1
+                    running = self.compact([s for s in running if not s.finished])
         finally:
             for s in seqs:
-                self.cache.free(s.slot)
+                if s.slot >= 0:
+                    self.cache.free(s.slot)
+                    s.slot = -1
+
+    def compact(self, running: list[Sequence]) -> list[Sequence]:
+        """Move running sequences' KV into the lowest slots (see KVCache.compact); returns them
+        in slot order, so a step over them reads the cache without a gather."""
+        moves = self.cache.compact([(s.slot, s.pos) for s in running])
+        for s in running:
+            s.slot = moves.get(s.slot, s.slot)
+        return sorted(running, key=lambda s: s.slot)
 
 
     def admit(self, s: Sequence) -> None:

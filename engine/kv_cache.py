@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from engine.config import ModelConfig
@@ -12,7 +14,9 @@ class KVCache:
 
     k[layer], v[layer]: (n_slots, n_kv_heads, max_seq, head_dim). A sequence owns one slot from
     admission to finish; its token at position p lives at index p of its slot, so a decode step
-    mixes rows at any positions. Slots are handed out by `alloc` and returned by `free`.
+    mixes rows at any positions. Slots are handed out by `alloc` (lowest free first) and
+    returned by `free`; `compact` moves sequences down into holes so the slots in use are
+    0..n-1 and a step over them reads the cache as a view instead of gathering it.
     """
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_seq: int, device="cpu", dtype=torch.float32):
@@ -20,15 +24,32 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.n_slots, self.max_seq = n_slots, max_seq
-        self._free = list(range(n_slots - 1, -1, -1))
+        self._free = list(range(n_slots))  # a min-heap
 
     def alloc(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV slot")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def free(self, slot: int) -> None:
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
+
+    def compact(self, used: list[tuple[int, int]]) -> dict[int, int]:
+        """Make the slots of `used` [(slot, positions written)] exactly 0..n-1: each slot at n or
+        above moves into a hole below n (its first `positions` keys/values are copied).
+        Returns {old slot: new slot}. A sequence finishing costs one such copy; without it,
+        every decode step would gather every row's keys and values (`read`)."""
+        n = len(used)
+        holes = sorted(set(range(n)) - {s for s, _ in used})
+        moves = {}
+        for (src, length), dst in zip(sorted((u for u in used if u[0] >= n), reverse=True), holes):
+            for cache in (self.k, self.v):
+                for layer in cache:
+                    layer[dst, :, :length] = layer[src, :, :length]
+            moves[src] = dst
+        if moves:
+            self._free = sorted((set(self._free) - set(moves.values())) | set(moves))
+        return moves
 
     @property
     def n_free(self) -> int:

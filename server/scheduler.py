@@ -166,6 +166,9 @@ class Scheduler:
         for r in [r for r in self.running if r.cancelled]:
             self.running.remove(r)
             self._finish(r, "cancelled")
+        if self.running:  # rows 0..n-1 in slot order: the step reads the KV cache as a view
+            self.engine.compact([r.seq for r in self.running])
+            self.running.sort(key=lambda r: r.seq.slot)
         admitted = self._admit()
         now = time.perf_counter()
         if admitted:

@@ -38,21 +38,23 @@ def alone(local, ad, prompt, n):
 
 def test_concurrent_mixed_adapters_equal_each_alone(srv, local):
     """N concurrent requests, N different adapters of every type (more than the device slots
-    per type, so adapters are loaded and evicted while others run) == each run alone."""
+    per type, so adapters are loaded and evicted while others run) == each run alone. Their
+    lengths differ, so rows finish mid-batch and the others' KV moves down (compaction)."""
     ads = {}
     for i, case in enumerate(CASES * 2):
         ads[f"mix-{i}"] = make(case, srv.state.engine.shape, seed=100 + i)
         assert upload(srv.url, f"mix-{i}", adapter_files(ads[f"mix-{i}"])).status_code == 201
     names = list(ads) + [None]
     prompts = [f"prompt number {i} " + "ab" * i for i in range(len(names))]
+    lengths = [4 + (7 * i) % 13 for i in range(len(names))]
     with cf.ThreadPoolExecutor(len(names)) as pool:
-        futs = [pool.submit(generate, srv.url, p, adapter_id=n, max_new_tokens=12, ignore_eos=True)
-                for p, n in zip(prompts, names)]
+        futs = [pool.submit(generate, srv.url, p, adapter_id=n, max_new_tokens=k, ignore_eos=True)
+                for p, n, k in zip(prompts, names, lengths)]
         got = [f.result() for f in futs]
-    for r, p, n in zip(got, prompts, names):
+    for r, p, n, k in zip(got, prompts, names, lengths):
         assert r.status_code == 200, r.text
-        assert r.json()["generated_text"] == alone(local, ads.get(n), p, 12), n
-        assert r.json()["details"]["generated_tokens"] == 12
+        assert r.json()["generated_text"] == alone(local, ads.get(n), p, k), n
+        assert r.json()["details"]["generated_tokens"] == k
 
 
 def test_request_arriving_mid_decode_is_admitted_before_others_finish(srv):
