@@ -70,7 +70,19 @@ def _hadamard(k: int) -> torch.Tensor:
     return h.float()
 
 
+def _normal_tensors(fn):
+    """Build cached constants as normal tensors even when first asked for under
+    torch.inference_mode (serving): training's autograd cannot save inference tensors."""
+
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @lru_cache(maxsize=None)
+@_normal_tensors
 def _plan_cpu(n: int) -> Plan:
     i = torch.arange(2**n)
     bits = torch.stack([(i >> (n - 1 - q)) & 1 for q in range(n)], 1)  # (2^n, n)
@@ -86,7 +98,7 @@ def plan(n: int, device="cpu") -> Plan:
     key = (n, str(device))
     if key not in _plans:
         p = _plan_cpu(n)
-        _plans[key] = Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo)))
+        _plans[key] = _normal_tensors(lambda: Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo))))()
     return _plans[key]
 
 
@@ -148,7 +160,7 @@ def _phase_signs(n: int, L: int, device) -> torch.Tensor:
         for _ in range(L):
             out.append(p.zsign[idx])
             idx = idx[inv]  # Q^-k D Q^k = diag(d[(Q^-1)^k])
-        _derived[key] = torch.stack(out).to(device)
+        _derived[key] = _normal_tensors(lambda: torch.stack(out).to(device))()
     return _derived[key]
 
 
@@ -160,7 +172,7 @@ def readout(n: int, k: int, device, ones: bool = False, stacked: int = 1) -> tor
         if key not in _derived:
             r = readout(n, k, device)
             r = torch.cat([r, torch.ones(r.shape[0], 1, device=r.device)], 1) if ones else r
-            _derived[key] = torch.cat([r] * stacked)
+            _derived[key] = _normal_tensors(lambda: torch.cat([r] * stacked))()
         return _derived[key]
     key = ("readout", n, k, str(device))
     if key not in _derived:
@@ -171,7 +183,7 @@ def readout(n: int, k: int, device, ones: bool = False, stacked: int = 1) -> tor
         # psi_out = psi[g]  =>  sum_j |psi_out_j|^2 z(j) = sum_i |psi_i|^2 z(g^-1(i))
         inv = torch.empty_like(g)
         inv[g] = torch.arange(2**n)
-        _derived[key] = p.zsign[inv].to(device)
+        _derived[key] = _normal_tensors(lambda: p.zsign[inv].to(device))()
     return _derived[key]
 
 
@@ -220,7 +232,7 @@ def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_
 def _hi_cols(n: int, rows: int, device) -> torch.Tensor:
     key = ("hi_cols", n, rows, str(device))
     if key not in _derived:
-        _derived[key] = plan(n, device).h_hi[:, :rows].contiguous()
+        _derived[key] = _normal_tensors(lambda: plan(n, device).h_hi[:, :rows].contiguous())()
     return _derived[key]
 
 

@@ -44,19 +44,21 @@ static void fwht(float *x, int64_t N) {
             }
 }
 
-/* h: (B, T, d) contiguous; rows[i], slots[i] for i < n_rows: the rows to adapt and their
- * slots; phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks: (n,). The
+/* h: (B, T, d) contiguous; rows[i], slots[i]: the rows to adapt and their slots; vectors
+ * v0 <= i * T + t < v1 of them are done (split over OpenMP threads when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks: (n,). The
  * 3 N floats of scratch live on the stack, which stays in cache between calls. */
 void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots,
-                     int64_t n_rows, const float *phase, const float *upb, int64_t n,
+                     int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n,
                      const int64_t *masks) {
     const int64_t N = (int64_t)1 << n;
-    float work[3 * N];
-    float *u = work, *re = work + N, *im = work + 2 * N;
-    for (int64_t i = 0; i < n_rows; i++) {
+#pragma omp parallel for schedule(static) if (v1 - v0 >= 256)
+    for (int64_t iv = v0; iv < v1; iv++) {
+        const int64_t i = iv / T, t = iv % T;
+        float work[3 * N];
+        float *u = work, *re = work + N, *im = work + 2 * N;
         const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;
         const float *w = upb + slots[i] * (n + 1) * d;
-        for (int64_t t = 0; t < T; t++) {
+        {
             float *hv = h + (rows[i] * T + t) * d;
             memcpy(u, hv, d * sizeof(float));
             memset(u + d, 0, (N - d) * sizeof(float));
@@ -107,6 +109,94 @@ void lora_delta(float *y, int64_t ys0, int64_t ys1, const float *x, int64_t xs0,
                 const float c = tmp[k], *bk = bt + k * dout;
                 for (int64_t j = 0; j < dout; j++) yv[j] += c * bk[j];
             }
+        }
+    }
+}
+
+/* ---- QAA RX <Z> for training: one circuit (cs, sn) for M vectors, and its gradient ------
+ * Forward: z[v, q] = y[mask_q] / y[0], y = WHT(p), p = WHT(u*cs)^2 + WHT(u*sn)^2, u = WHT(pad h_v)
+ * (the same chain as qaa_rx_residual, without the up-projection, which autograd handles).
+ * Backward, given gz (M, n), recomputing the forward per vector (nothing of size N is kept
+ * between the passes; WHT is its own transpose):
+ *     gy[mask_q] = gz_q / y0,  gy[0] = -sum_q gz_q z_q / y0,  gp = WHT(gy)
+ *     ga = WHT(2 re gp),  gb = WHT(2 im gp)
+ *     gcs += ga u,  gsn += gb u,  gh = WHT(ga cs + gb sn)[:d]
+ * Both split the M vectors over the OpenMP threads (torch's own pool: see cpu_kernels.py). */
+static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
+                     float *u, float *re, float *im, float *y) {
+    memcpy(u, hv, d * sizeof(float));
+    memset(u + d, 0, (N - d) * sizeof(float));
+    fwht(u, N);
+    for (int64_t j = 0; j < N; j++) {
+        re[j] = u[j] * cs[j];
+        im[j] = u[j] * sn[j];
+    }
+    fwht(re, N);
+    fwht(im, N);
+    for (int64_t j = 0; j < N; j++) y[j] = re[j] * re[j] + im[j] * im[j];
+    fwht(y, N);
+}
+
+void qaa_rx_z(const float *h, int64_t M, int64_t d, const float *cs, const float *sn,
+              int64_t n, const int64_t *masks, float *z) {
+    const int64_t N = (int64_t)1 << n;
+#pragma omp parallel if (M >= 64)
+    {
+        float work[4 * N];
+        float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;
+#pragma omp for schedule(static)
+        for (int64_t v = 0; v < M; v++) {
+            rx_chain(h + v * d, d, N, cs, sn, u, re, im, y);
+            const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f;
+            for (int64_t q = 0; q < n; q++) z[v * n + q] = y[masks[q]] * inv;
+        }
+    }
+}
+
+void qaa_rx_z_backward(const float *h, int64_t M, int64_t d, const float *cs, const float *sn,
+                       int64_t n, const int64_t *masks, const float *gz, float *gh, float *gcs,
+                       float *gsn) {
+    const int64_t N = (int64_t)1 << n;
+#pragma omp parallel if (M >= 64)
+    {
+        float work[7 * N];
+        float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N, *g = work + 4 * N;
+        float *lcs = work + 5 * N, *lsn = work + 6 * N; /* this thread's share of gcs, gsn */
+        memset(lcs, 0, 2 * N * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t v = 0; v < M; v++) {
+            rx_chain(h + v * d, d, N, cs, sn, u, re, im, y);
+            const float y0 = y[0];
+            memset(g, 0, N * sizeof(float));
+            if (y0 > 0.0f) {
+                const float inv = 1.0f / y0;
+                float g0 = 0.0f;
+                for (int64_t q = 0; q < n; q++) {
+                    const float gq = gz[v * n + q];
+                    g[masks[q]] += gq * inv;
+                    g0 -= gq * y[masks[q]] * inv * inv;
+                }
+                g[0] += g0;
+            }
+            fwht(g, N); /* gp */
+            for (int64_t j = 0; j < N; j++) {
+                re[j] *= 2.0f * g[j];
+                im[j] *= 2.0f * g[j];
+            }
+            fwht(re, N); /* ga */
+            fwht(im, N); /* gb */
+            for (int64_t j = 0; j < N; j++) {
+                lcs[j] += re[j] * u[j];
+                lsn[j] += im[j] * u[j];
+                g[j] = re[j] * cs[j] + im[j] * sn[j];
+            }
+            fwht(g, N);
+            memcpy(gh + v * d, g, d * sizeof(float));
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < N; j++) {
+            gcs[j] += lcs[j];
+            gsn[j] += lsn[j];
         }
     }
 }

@@ -4,7 +4,10 @@ At decode an adapter module is a handful of tiny torch ops per step (for QAA ~10
 Walsh-Hadamard transforms as Kronecker matmuls, the phase, the readout, the up-projection;
 for LoRA a gather, two bmm and an index_add), and their dispatch, not their arithmetic, is
 the cost: ~150 us per QAA module for two rows in a real decode step. Each C kernel does one
-module for every listed row in one call, reading the slot banks directly.
+module for every listed row in one call, reading the slot banks directly. For training, a
+QAA RX module's <Z> and its backward are one kernel each (`rx_z`), with butterfly
+transforms instead of the Kronecker matmuls' ~6x more arithmetic, and no 2^n-sized
+activations kept between the passes.
 
 They are compiled once per machine with the system C compiler ($CC, else `cc`) into
 $QAA_CACHE_DIR/kernels (a file named by the hash of the source, flags and CPU) and loaded
@@ -31,11 +34,12 @@ from adapters.base import cache_root
 from adapters.circuit import readout
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 ENV_SWITCH = "QAA_CPU_KERNEL"
 MAX_TOKENS = 64
-"""The kernels are single-threaded: beyond this many vectors per module (prefill), the torch
-paths' threaded matmuls take over."""
+"""The LoRA kernel is single-threaded: beyond this many vectors per module (prefill), the torch
+path's threaded GEMMs take over. (QAA's kernel beats its torch path at every size measured,
+up to 512 tokens, split over threads; it has no limit.)"""
 MAX_LORA_RANK = 256
 """tmp[] in lora_delta."""
 
@@ -74,9 +78,12 @@ def library():
                       "using the torch path", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    so.qaa_rx_residual.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr]
+    so.qaa_rx_residual.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr]
     so.lora_delta.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
-    so.qaa_rx_residual.restype = so.lora_delta.restype = None
+    so.qaa_rx_z.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
+    so.qaa_rx_z_backward.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+    for f in (so.qaa_rx_residual, so.lora_delta, so.qaa_rx_z, so.qaa_rx_z_backward):
+        f.restype = None
     return so
 
 
@@ -110,7 +117,7 @@ def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: tor
     assert h.is_contiguous() and phase.is_contiguous() and upb.is_contiguous()
     B, T, d = h.shape
     m = masks(n, L)
-    library().qaa_rx_residual(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), rows.numel(),
+    library().qaa_rx_residual(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), 0, rows.numel() * T,
                               phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
     return h
 
@@ -128,3 +135,37 @@ def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Ten
                          x.shape[2], y.shape[2], rows.data_ptr(), slots.data_ptr(), rows.numel(),
                          ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1])
     return y
+
+
+class _RXZ(torch.autograd.Function):
+    """<Z> of one RX circuit, given as (cos, sin) of its phase, for hidden states h (..., d):
+    the same function as circuit.expectations(h, stack(cs, sn), "RX", n, L), with gradients
+    for h, cs and sn from qaa_rx_z_backward (which recomputes the forward per vector, so only
+    h is kept for the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, h, cs, sn, n: int, L: int):
+        x = h.detach().reshape(-1, h.shape[-1]).contiguous()
+        cs, sn = cs.detach().contiguous(), sn.detach().contiguous()
+        M, d = x.shape
+        z, m = torch.empty(M, n), masks(n, L)
+        library().qaa_rx_z(x.data_ptr(), M, d, cs.data_ptr(), sn.data_ptr(), n, m.data_ptr(), z.data_ptr())
+        ctx.save_for_backward(x, cs, sn)
+        ctx.n, ctx.L, ctx.shape = n, L, h.shape
+        return z.view(*h.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, gz):
+        x, cs, sn = ctx.saved_tensors
+        n, (M, d) = ctx.n, x.shape
+        gz = gz.reshape(M, n).float().contiguous()
+        gh, gcs, gsn, m = torch.empty_like(x), torch.zeros_like(cs), torch.zeros_like(sn), masks(n, ctx.L)
+        library().qaa_rx_z_backward(x.data_ptr(), M, d, cs.data_ptr(), sn.data_ptr(), n, m.data_ptr(),
+                                    gz.data_ptr(), gh.data_ptr(), gcs.data_ptr(), gsn.data_ptr())
+        return gh.view(ctx.shape), gcs, gsn, None, None
+
+
+def rx_z(h: torch.Tensor, compiled: torch.Tensor, n: int, L: int) -> torch.Tensor:
+    """<Z> (..., n) of an RX circuit compiled to (2, 2^n) = (cos, sin), differentiable in h and
+    in `compiled` (so in the angles); h fp32 on the CPU (see `usable`)."""
+    return _RXZ.apply(h, compiled[0], compiled[1], n, L)

@@ -112,7 +112,12 @@ class QAAType(AdapterType):
         if theta is None:
             return h
         cfg = ad.config
-        z = (circuit_z_shift if cfg.gradient == "parameter-shift" else circuit_z)(h, theta, cfg.rotation)
+        if cfg.gradient == "parameter-shift":
+            z = circuit_z_shift(h, theta, cfg.rotation)
+        elif cfg.rotation == "RX" and cpu_kernels.usable(h):  # training on the CPU: the fused kernel pair
+            z = cpu_kernels.rx_z(h, compile_circuit(theta, "RX"), theta.shape[1], theta.shape[0])
+        else:
+            z = circuit_z(h, theta, cfg.rotation)
         delta = z @ ad.tensors[key(layer, where, "up.weight")].t().float()
         if cfg.bias:
             delta = delta + ad.tensors[key(layer, where, "up.bias")].float()
@@ -160,9 +165,9 @@ class QAABank:
             if s and (layer, where) in adapter(s):
                 h[b] = h[b] + W_up[s] @ Z(h[b]; circuit[s]) + b[s]
     computed for all rows of one variant at once (per-row compiled tensors gathered by slot):
-    [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules of up to
-    cpu_kernels.MAX_TOKENS fp32 tokens on the CPU go through the fused kernel instead (one call
-    per module, reading the bank's slots directly; same semantics).
+    [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules on fp32 CPU states go
+    through the fused kernel instead (one call per module, reading the bank's slots directly;
+    same semantics).
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device):
@@ -225,7 +230,7 @@ class QAABank:
     def residual(self, layer, where, h, route):
         for variant, rows, sl, listed in route.get((layer, where), ()):
             rotation, L = variant
-            if rotation == "RX" and listed is not None and h.shape[1] * len(sl) <= cpu_kernels.MAX_TOKENS and cpu_kernels.usable(h) and h.is_contiguous():
+            if rotation == "RX" and listed is not None and cpu_kernels.usable(h) and h.is_contiguous():
                 phase, upb = self.mods[(layer, where, variant)]
                 h = cpu_kernels.qaa_rx_(h, *listed, phase, upb, self.n, L)
                 continue

@@ -1,6 +1,6 @@
 """Serving throughput with many adapters (a script, not a test).
 
-    python -m server.bench [--concurrency 8,32] [--new-tokens 32] [--model PATH]
+    python -m server.bench [--concurrency 8,32] [--new-tokens 32] [--repeats 5] [--model PATH]
 
 Starts qaa-serve as a child process (loopback, a free port; a separate process so the load
 generator's threads do not share its interpreter), uploads adapters over HTTP, and in one
@@ -10,7 +10,9 @@ requests:
      same requests with no adapter: ratio = adapters / base;
   2. LoRA only: qaa-serve vs HF PEFT's mixed-adapter batch (`generate(adapter_names=...)`)
      on the same model, prompts and adapters: ratio = qaa-serve / PEFT.
-Every request generates exactly --new-tokens tokens (EOS ignored on both sides).
+Every request generates exactly --new-tokens tokens (EOS ignored on both sides). Each side
+runs --repeats times, alternating; printed: the best of each side and their ratio, and the
+median and range of the ratios of back-to-back pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import concurrent.futures as cf
 import io
 import json
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +77,12 @@ def _stream(url, body) -> int:
     return n
 
 
+def _paired(a: list[float], b: list[float]) -> str:
+    """The ratios of runs made back to back: their median and range (this machine is noisy)."""
+    r = sorted(x / y for x, y in zip(a, b))
+    return f"paired_ratio_median={statistics.median(r):.2f} range={r[0]:.2f}-{r[-1]:.2f}"
+
+
 def _load(url, names, new_tokens) -> float:
     bodies = [{"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {
         "adapter_id": n, "max_new_tokens": new_tokens, "ignore_eos": True}} for i, n in enumerate(names)]
@@ -111,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--types", default="lora,sora,prefix,qaa")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each side (best and paired ratios printed)")
     args = ap.parse_args(argv)
     import os
     import subprocess
@@ -158,19 +168,21 @@ def main(argv=None):
         upload(f"lora-{i}", ad)
     for c in conc:
         base, with_ad = [], []
-        for _ in range(2):  # alternate, keep the best of each
+        for _ in range(args.repeats):  # alternate, so drift hits both alike
             base.append(_load(url, [None] * c, args.new_tokens))
             with_ad.append(_load(url, [f"mixed-{i}" for i in range(c)], args.new_tokens))
         print(f"concurrency={c:<3d} base_tok_s={max(base):7.1f} mixed_adapters_tok_s={max(with_ad):7.1f} "
-              f"ratio={max(with_ad) / max(base):.2f}", flush=True)
+              f"ratio={max(with_ad) / max(base):.2f} {_paired(with_ad, base)}", flush=True)
     if not args.no_peft:
         tmp = Path(tempfile.mkdtemp(prefix="qaa-bench-peft-"))
         dirs = [str(save_dir(ad, tmp / f"lora-{i}")) for i, ad in enumerate(loras)]
         for c in conc:
-            ours = max(_load(url, [f"lora-{i}" for i in range(c)], args.new_tokens) for _ in range(2))
-            peft = max(_peft_tok_s(model_dir, dirs[:c], args.new_tokens) for _ in range(2))
-            print(f"concurrency={c:<3d} lora_only qaa_serve_tok_s={ours:7.1f} peft_adapter_names_tok_s={peft:7.1f} "
-                  f"ratio={ours / peft:.2f}", flush=True)
+            ours, peft = [], []
+            for _ in range(args.repeats):
+                ours.append(_load(url, [f"lora-{i}" for i in range(c)], args.new_tokens))
+                peft.append(_peft_tok_s(model_dir, dirs[:c], args.new_tokens))
+            print(f"concurrency={c:<3d} lora_only qaa_serve_tok_s={max(ours):7.1f} peft_adapter_names_tok_s={max(peft):7.1f} "
+                  f"ratio={max(ours) / max(peft):.2f} {_paired(ours, peft)}", flush=True)
     server.terminate()
     server.wait()
 

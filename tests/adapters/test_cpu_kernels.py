@@ -24,14 +24,15 @@ def lib():
     return so
 
 
-@pytest.mark.parametrize("d,L", [(64, 1), (100, 2), (576, 2), (300, 3)])
-def test_qaa_rx_kernel_equals_circuit_math(lib, d, L):
+@pytest.mark.parametrize("d,L,T", [(64, 1, 3), (100, 2, 3), (576, 2, 3), (300, 3, 3), (576, 2, 100)])
+def test_qaa_rx_kernel_equals_circuit_math(lib, d, L, T):
+    """T = 100: 300 vectors, split over OpenMP threads."""
     n = (d - 1).bit_length()
     g = torch.Generator().manual_seed(d + L)
     S = 4
     phase = torch.stack([compile_circuit(torch.rand(L, n, generator=g) * 6.3, "RX") for _ in range(S)])
     upb = torch.randn(S, n + 1, d, generator=g)
-    h = torch.randn(5, 3, d, generator=g)
+    h = torch.randn(5, T, d, generator=g)
     rows, slots = torch.tensor([4, 0, 2]), torch.tensor([1, 3, 1])
     want = h.clone()
     for r, s in zip(rows.tolist(), slots.tolist()):
@@ -40,6 +41,26 @@ def test_qaa_rx_kernel_equals_circuit_math(lib, d, L):
     got = cpu_kernels.qaa_rx_(h.clone(), rows, slots, phase, upb, n, L)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[[1, 3]], h[[1, 3]])  # rows not listed are untouched
+
+
+@pytest.mark.parametrize("d,L,tokens", [(576, 2, 100), (100, 3, 7), (64, 1, 1)])
+def test_rx_z_values_and_gradients_equal_autograd_through_the_circuit(lib, d, L, tokens):
+    """Training's kernel pair (forward + hand-written backward, split over threads when there
+    are many tokens) == autograd through circuit_z, for h and for the angles."""
+    from adapters.circuit import circuit_z
+
+    n = (d - 1).bit_length()
+    g = torch.Generator().manual_seed(d)
+    theta0, h0 = torch.rand(L, n, generator=g) * 6.3, torch.randn(2, tokens, d, generator=g)
+    w = torch.randn(2, tokens, n, generator=g)
+    out = []
+    for f in (lambda h, t: circuit_z(h, t, "RX"), lambda h, t: cpu_kernels.rx_z(h, compile_circuit(t, "RX"), n, L)):
+        h, theta = h0.clone().requires_grad_(), theta0.clone().requires_grad_()
+        z = f(h, theta)
+        (z * w).sum().backward()
+        out.append((z.detach(), h.grad, theta.grad))
+    for want, got in zip(*out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def test_lora_kernel_adds_into_a_slice(lib):

@@ -98,3 +98,19 @@ def test_exported_module_reproduces_the_adapter(rotation, tiny_dir):
     qnode, theta, up, b = export_qnode(ad, 1, "mlp")
     z = torch.stack([torch.stack(qnode(h[i].double(), theta.double())) for i in range(4)]).float()
     assert (ours - (h + z @ up.t() + b)).abs().max().item() <= 1e-5
+
+
+def test_constants_first_built_in_inference_mode_still_serve_autograd():
+    """The circuit's cached constants are shared by serving (inference mode) and training:
+    built first by the former, they must still be usable by the latter's backward."""
+    from adapters import circuit
+
+    circuit._derived.clear()
+    circuit._plans.clear()
+    circuit._plan_cpu.cache_clear()
+    theta = torch.rand(2, 5)
+    with torch.inference_mode():
+        circuit.circuit_z(torch.randn(3, 20), theta, "RX")
+    h, t = torch.randn(3, 20, requires_grad=True), theta.clone().requires_grad_()
+    circuit.circuit_z(h, t, "RX").sum().backward()
+    assert h.grad is not None and t.grad is not None and torch.isfinite(t.grad).all()
