@@ -44,9 +44,27 @@ static void fwht(float *x, int64_t N) {
             }
 }
 
+/* u = WHT(pad(h_v)), re/im = WHT(u * cs/sn), y = WHT(re^2 + im^2): the chain every QAA RX
+ * kernel runs per vector (y[0] = sum p, y[mask_q] = the unnormalised <Z_q>). */
+static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
+                     float *u, float *re, float *im, float *y) {
+    memcpy(u, hv, d * sizeof(float));
+    memset(u + d, 0, (N - d) * sizeof(float));
+    fwht(u, N);
+    for (int64_t j = 0; j < N; j++) {
+        re[j] = u[j] * cs[j];
+        im[j] = u[j] * sn[j];
+    }
+    fwht(re, N);
+    fwht(im, N);
+    for (int64_t j = 0; j < N; j++) y[j] = re[j] * re[j] + im[j] * im[j];
+    fwht(y, N);
+}
+
 /* h: (B, T, d) contiguous; rows[i], slots[i]: the rows to adapt and their slots; vectors
- * v0 <= i * T + t < v1 of them are done (split over OpenMP threads when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks: (n,). The
- * 3 N floats of scratch live on the stack, which stays in cache between calls. */
+ * v0 <= i * T + t < v1 of them are done (split over OpenMP threads when there are many);
+ * phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks: (n,). The 4 N floats
+ * of scratch live on the stack, which stays in cache between calls. */
 void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots,
                      int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n,
                      const int64_t *masks) {
@@ -54,31 +72,18 @@ void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const 
 #pragma omp parallel for schedule(static) if (v1 - v0 >= 256)
     for (int64_t iv = v0; iv < v1; iv++) {
         const int64_t i = iv / T, t = iv % T;
-        float work[3 * N];
-        float *u = work, *re = work + N, *im = work + 2 * N;
+        float work[4 * N];
+        float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;
         const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;
-        const float *w = upb + slots[i] * (n + 1) * d;
-        {
-            float *hv = h + (rows[i] * T + t) * d;
-            memcpy(u, hv, d * sizeof(float));
-            memset(u + d, 0, (N - d) * sizeof(float));
-            fwht(u, N);
-            for (int64_t j = 0; j < N; j++) {
-                re[j] = u[j] * cs[j];
-                im[j] = u[j] * sn[j];
-            }
-            fwht(re, N);
-            fwht(im, N);
-            for (int64_t j = 0; j < N; j++) u[j] = re[j] * re[j] + im[j] * im[j];
-            fwht(u, N); /* u[m] = sum_j p_j (-1)^popcount(j & m): every parity readout at once */
-            const float inv = u[0] > 0.0f ? 1.0f / u[0] : 0.0f; /* u[0] = sum_j p_j */
-            for (int64_t q = 0; q < n; q++) {
-                const float zq = u[masks[q]] * inv, *wq = w + q * d;
-                for (int64_t k = 0; k < d; k++) hv[k] += zq * wq[k];
-            }
-            const float *b = w + n * d;
-            for (int64_t k = 0; k < d; k++) hv[k] += b[k];
+        const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;
+        float *hv = h + (rows[i] * T + t) * d;
+        rx_chain(hv, d, N, cs, sn, u, re, im, y);
+        const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f; /* y[0] = sum_j p_j */
+        for (int64_t q = 0; q < n; q++) {
+            const float zq = y[masks[q]] * inv, *wq = w + q * d;
+            for (int64_t k = 0; k < d; k++) hv[k] += zq * wq[k];
         }
+        for (int64_t k = 0; k < d; k++) hv[k] += b[k];
     }
 }
 
@@ -122,21 +127,6 @@ void lora_delta(float *y, int64_t ys0, int64_t ys1, const float *x, int64_t xs0,
  *     ga = WHT(2 re gp),  gb = WHT(2 im gp)
  *     gcs += ga u,  gsn += gb u,  gh = WHT(ga cs + gb sn)[:d]
  * Both split the M vectors over the OpenMP threads (torch's own pool: see cpu_kernels.py). */
-static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
-                     float *u, float *re, float *im, float *y) {
-    memcpy(u, hv, d * sizeof(float));
-    memset(u + d, 0, (N - d) * sizeof(float));
-    fwht(u, N);
-    for (int64_t j = 0; j < N; j++) {
-        re[j] = u[j] * cs[j];
-        im[j] = u[j] * sn[j];
-    }
-    fwht(re, N);
-    fwht(im, N);
-    for (int64_t j = 0; j < N; j++) y[j] = re[j] * re[j] + im[j] * im[j];
-    fwht(y, N);
-}
-
 void qaa_rx_z(const float *h, int64_t M, int64_t d, const float *cs, const float *sn,
               int64_t n, const int64_t *masks, float *z) {
     const int64_t N = (int64_t)1 << n;
