@@ -69,7 +69,7 @@ void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const 
                      int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n,
                      const int64_t *masks) {
     const int64_t N = (int64_t)1 << n;
-#pragma omp parallel for schedule(static) if (v1 - v0 >= 256)
+#pragma omp parallel for schedule(static) if (v1 - v0 > 64)
     for (int64_t iv = v0; iv < v1; iv++) {
         const int64_t i = iv / T, t = iv % T;
         float work[4 * N];

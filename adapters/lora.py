@@ -269,7 +269,8 @@ class LoraBank:
         g = held[1]
         xs = x if rows is None else x[rows]
         d = torch.bmm(torch.bmm(xs, g[0]), g[1])  # (B', T, r) -> (B', T, out)
-        return y + d if rows is None else y.index_add_(0, rows, d)  # y is fresh: no aliasing
+        # in place: y is the base output (or its q/k/v slice), fresh each forward
+        return y.add_(d) if rows is None else y.index_add_(0, rows, d)
 
 
 class _Route:
