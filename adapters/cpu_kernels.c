@@ -1,6 +1,6 @@
-/* Adapter kernels at decode size, one call per module for all rows (CPU, fp32).
- * Each reads the slot banks directly (no per-row gather) and adds into the base output in
- * place. Built and loaded by cpu_kernels.py.
+/* Adapter kernels for the CPU (fp32). Serving: one call per module for all rows; each reads
+ * the slot banks directly (no per-row gather) and adds into the base output in place.
+ * Training: QAA RX <Z> and its gradient. Built and loaded by cpu_kernels.py.
  */
 #include <stdint.h>
 #include <string.h>

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for adapters at decode size (cpu_kernels.c), built on first use.
+"""Fused CPU kernels for adapter modules (cpu_kernels.c), built on first use.
 
 At decode an adapter module is a handful of tiny torch ops per step (for QAA ~10: two
 Walsh-Hadamard transforms as Kronecker matmuls, the phase, the readout, the up-projection;

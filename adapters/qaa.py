@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
 from adapters import cpu_kernels
+from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
 from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
 from adapters.registry import AdapterType, register
 
