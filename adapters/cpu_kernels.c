@@ -67,9 +67,9 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
  * of scratch live on the stack, which stays in cache between calls. */
 void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots,
                      int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n,
-                     const int64_t *masks) {
+                     const int64_t *masks, int64_t threads) {
     const int64_t N = (int64_t)1 << n;
-#pragma omp parallel for schedule(static) if (v1 - v0 > 64)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 8)
     for (int64_t iv = v0; iv < v1; iv++) {
         const int64_t i = iv / T, t = iv % T;
         float work[4 * N];
@@ -95,25 +95,26 @@ void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const 
  * slice of a fused q|k|v output). A (S, R, din), Bt (S, R, dout); R <= 256. */
 void lora_delta(float *y, int64_t ys0, int64_t ys1, const float *x, int64_t xs0, int64_t xs1,
                 int64_t T, int64_t din, int64_t dout, const int64_t *rows, const int64_t *slots,
-                int64_t n_rows, const int64_t *ranks, const float *A, const float *Bt, int64_t R) {
-    float tmp[256];
-    for (int64_t i = 0; i < n_rows; i++) {
-        const int64_t s = slots[i], r = ranks[s];
+                int64_t n_rows, const int64_t *ranks, const float *A, const float *Bt, int64_t R,
+                int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n_rows * T >= 8)
+    for (int64_t iv = 0; iv < n_rows * T; iv++) {
+        const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];
+        if (r == 0) continue;
         const float *a = A + s * R * din, *bt = Bt + s * R * dout;
-        for (int64_t t = 0; t < T && r > 0; t++) {
-            const float *xv = x + rows[i] * xs0 + t * xs1;
-            float *yv = y + rows[i] * ys0 + t * ys1;
-            for (int64_t k = 0; k < r; k++) {
-                const float *ak = a + k * din;
-                float acc = 0.0f;
+        const float *xv = x + rows[i] * xs0 + t * xs1;
+        float *yv = y + rows[i] * ys0 + t * ys1;
+        float tmp[256];
+        for (int64_t k = 0; k < r; k++) {
+            const float *ak = a + k * din;
+            float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                for (int64_t j = 0; j < din; j++) acc += xv[j] * ak[j];
-                tmp[k] = acc;
-            }
-            for (int64_t k = 0; k < r; k++) {
-                const float c = tmp[k], *bk = bt + k * dout;
-                for (int64_t j = 0; j < dout; j++) yv[j] += c * bk[j];
-            }
+            for (int64_t j = 0; j < din; j++) acc += xv[j] * ak[j];
+            tmp[k] = acc;
+        }
+        for (int64_t k = 0; k < r; k++) {
+            const float c = tmp[k], *bk = bt + k * dout;
+            for (int64_t j = 0; j < dout; j++) yv[j] += c * bk[j];
         }
     }
 }

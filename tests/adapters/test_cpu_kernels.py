@@ -63,13 +63,14 @@ def test_rx_z_values_and_gradients_equal_autograd_through_the_circuit(lib, d, L,
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_lora_kernel_adds_into_a_slice(lib):
+@pytest.mark.parametrize("T", [2, 5], ids=["one-thread", "split"])  # split from 8 (row, token) pairs
+def test_lora_kernel_adds_into_a_slice(lib, T):
     g = torch.Generator().manual_seed(0)
     S, R, din, dout = 4, 8, 48, 40
     A, Bt = torch.randn(S, R, din, generator=g), torch.randn(S, R, dout, generator=g)
     ranks = torch.tensor([0, 8, 3, 0])  # slot 3 holds an adapter without this module
-    x = torch.randn(4, 2, din, generator=g)
-    wide = torch.randn(4, 2, dout + 16, generator=g)
+    x = torch.randn(4, T, din, generator=g)
+    wide = torch.randn(4, T, dout + 16, generator=g)
     y = wide[..., 10 : 10 + dout]  # a column slice, as q of a fused q|k|v output
     want = wide.clone()
     rows, slots = torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])
