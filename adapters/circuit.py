@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -70,20 +69,25 @@ def _hadamard(k: int) -> torch.Tensor:
     return h.float()
 
 
-def _normal_tensors(fn):
-    """Build cached constants as normal tensors even when first asked for under
-    torch.inference_mode (serving): training's autograd cannot save inference tensors."""
+_cache: dict = {}
+"""Every parameter-free constant of the circuits, built once per key by `_constant`."""
 
-    def wrapper(*args, **kwargs):
+
+def _constant(key, build):
+    """_cache[key], made by build() on first use, outside inference mode: serving (in
+    torch.inference_mode) and training share these tensors, and autograd cannot save
+    inference tensors."""
+    if key not in _cache:
         with torch.inference_mode(False):
-            return fn(*args, **kwargs)
+            _cache[key] = build()
+    return _cache[key]
 
-    return wrapper
 
-
-@lru_cache(maxsize=None)
-@_normal_tensors
 def _plan_cpu(n: int) -> Plan:
+    return _constant(("plan", n), lambda: _make_plan(n))
+
+
+def _make_plan(n: int) -> Plan:
     i = torch.arange(2**n)
     bits = torch.stack([(i >> (n - 1 - q)) & 1 for q in range(n)], 1)  # (2^n, n)
     zsign = (1 - 2 * bits).float()
@@ -91,15 +95,10 @@ def _plan_cpu(n: int) -> Plan:
     return Plan(n, a, zsign, _ring_gather(n, reverse=False), _ring_gather(n, reverse=True), _hadamard(a), _hadamard(n - a))
 
 
-_plans: dict = {}
-
-
 def plan(n: int, device="cpu") -> Plan:
-    key = (n, str(device))
-    if key not in _plans:
-        p = _plan_cpu(n)
-        _plans[key] = _normal_tensors(lambda: Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo))))()
-    return _plans[key]
+    p = _plan_cpu(n)
+    return _constant(("plan", n, str(device)),
+                     lambda: Plan(n, p.a, *(t.to(device) for t in (p.zsign, p.ring, p.ring_h, p.h_hi, p.h_lo))))
 
 
 def kron_apply(x, hi, lo, a: int):
@@ -146,13 +145,10 @@ def compile_circuit(theta: torch.Tensor, rotation: str) -> torch.Tensor | tuple:
     raise ValueError(f"rotation {rotation!r} is not one of {ROTATIONS}")
 
 
-_derived: dict = {}
-
-
 def _phase_signs(n: int, L: int, device) -> torch.Tensor:
     """(L, 2^n, n): zsign read through Q^(l-1), so phi = 1/2 sum_l signs[l] @ theta_l."""
-    key = ("signs", n, L, str(device))
-    if key not in _derived:
+
+    def build():
         p = _plan_cpu(n)
         inv = torch.empty_like(p.ring_h)
         inv[p.ring_h] = torch.arange(2**n)
@@ -160,22 +156,24 @@ def _phase_signs(n: int, L: int, device) -> torch.Tensor:
         for _ in range(L):
             out.append(p.zsign[idx])
             idx = idx[inv]  # Q^-k D Q^k = diag(d[(Q^-1)^k])
-        _derived[key] = _normal_tensors(lambda: torch.stack(out).to(device))()
-    return _derived[key]
+        return torch.stack(out).to(device)
+
+    return _constant(("signs", n, L, str(device)), build)
 
 
 def readout(n: int, k: int, device, ones: bool = False, stacked: int = 1) -> torch.Tensor:
     """(2^n, n): <Z> = |psi|^2 @ readout after k more ring permutations P. `ones` appends a
     column of ones (|psi|^2); `stacked` repeats the rows (squares of parts read in one matmul)."""
     if ones or stacked > 1:
-        key = ("readout", n, k, str(device), ones, stacked)
-        if key not in _derived:
+
+        def extended():
             r = readout(n, k, device)
             r = torch.cat([r, torch.ones(r.shape[0], 1, device=r.device)], 1) if ones else r
-            _derived[key] = _normal_tensors(lambda: torch.cat([r] * stacked))()
-        return _derived[key]
-    key = ("readout", n, k, str(device))
-    if key not in _derived:
+            return torch.cat([r] * stacked)
+
+        return _constant(("readout", n, k, str(device), ones, stacked), extended)
+
+    def build():
         p = _plan_cpu(n)
         g = torch.arange(2**n)
         for _ in range(k):
@@ -183,8 +181,9 @@ def readout(n: int, k: int, device, ones: bool = False, stacked: int = 1) -> tor
         # psi_out = psi[g]  =>  sum_j |psi_out_j|^2 z(j) = sum_i |psi_i|^2 z(g^-1(i))
         inv = torch.empty_like(g)
         inv[g] = torch.arange(2**n)
-        _derived[key] = _normal_tensors(lambda: p.zsign[inv].to(device))()
-    return _derived[key]
+        return p.zsign[inv].to(device)
+
+    return _constant(("readout", n, k, str(device)), build)
 
 
 def embed_wht(h: torch.Tensor, n: int) -> torch.Tensor:
@@ -230,10 +229,7 @@ def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_
 
 
 def _hi_cols(n: int, rows: int, device) -> torch.Tensor:
-    key = ("hi_cols", n, rows, str(device))
-    if key not in _derived:
-        _derived[key] = _normal_tensors(lambda: plan(n, device).h_hi[:, :rows].contiguous())()
-    return _derived[key]
+    return _constant(("hi_cols", n, rows, str(device)), lambda: plan(n, device).h_hi[:, :rows].contiguous())
 
 
 def pad(h: torch.Tensor, n: int) -> torch.Tensor:

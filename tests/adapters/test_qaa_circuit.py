@@ -105,9 +105,7 @@ def test_constants_first_built_in_inference_mode_still_serve_autograd():
     built first by the former, they must still be usable by the latter's backward."""
     from adapters import circuit
 
-    circuit._derived.clear()
-    circuit._plans.clear()
-    circuit._plan_cpu.cache_clear()
+    circuit._cache.clear()
     theta = torch.rand(2, 5)
     with torch.inference_mode():
         circuit.circuit_z(torch.randn(3, 20), theta, "RX")
