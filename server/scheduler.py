@@ -78,8 +78,9 @@ class Scheduler:
 
     def start(self) -> None:
         """Run the loop on a thread of its own (tests, embedding). `qaa-serve` calls run() on
-        the main thread instead: torch's OpenMP intra-op parallelism is markedly slower when
-        driven from a non-main thread (2x on a mixed-adapter decode step, measured)."""
+        the main thread instead: the main thread loaded the model, so it owns torch's OpenMP
+        team, and a second team started from a scheduler thread makes libgomp stop spinning
+        between regions (see adapters.threads; 2x on a mixed-adapter decode step, measured)."""
         self.thread.start()
 
     def run(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from adapters.base import Adapter, AdapterError, BaseShape
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
+from adapters.threads import serial
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -98,17 +99,21 @@ class Store:
         return e
 
     def read(self, e: Entry) -> Adapter:
-        """Load and validate one stored version (host memory, CPU tensors)."""
-        return load_dir(self.root / e.tenant / e.adapter_id / f"v{e.version}", self.shape)
+        """Load and validate one stored version (host memory, CPU tensors). Called from a
+        loader thread, so its torch ops run serially (see adapters.threads)."""
+        with serial():
+            return load_dir(self.root / e.tenant / e.adapter_id / f"v{e.version}", self.shape)
 
     # --- writes ------------------------------------------------------------------------
     def put(self, tenant: str, adapter_id: str, config: bytes, weights: bytes) -> tuple[Entry, Adapter]:
-        """Validate an upload fully, then publish it as the adapter's next version."""
+        """Validate an upload fully, then publish it as the adapter's next version. Called from
+        web worker threads, so validation runs serially (see adapters.threads)."""
         check_id("tenant", tenant)
         check_id("adapter id", adapter_id)
         if len(config) + len(weights) > self.max_bytes:
             raise AdapterError(f"upload is {len(config) + len(weights)} bytes; the limit is {self.max_bytes}")
-        ad = load_bytes(config, weights, self.shape)  # raises before anything touches the disk
+        with serial():
+            ad = load_bytes(config, weights, self.shape)  # raises before anything touches the disk
         with self._lock:
             adir = self.root / tenant / adapter_id
             adir.mkdir(parents=True, exist_ok=True)
