@@ -39,12 +39,6 @@ ENV_SWITCH = "QAA_CPU_KERNEL"
 MAX_TOKENS = 64
 """Beyond this many vectors per LoRA module (prefill), the torch path's GEMMs take over.
 (QAA's kernel beats its torch path at every size measured, up to 512 tokens; no limit.)"""
-THREADS = torch.get_num_threads()
-"""Threads for the serving kernels: torch's count at import. Passed explicitly because the
-banks lower torch's count around decode-sized seams (OpenMP barriers in tiny torch ops),
-while one kernel call per module is big enough to share. Measured in the load test (10 QAA
-adapters, 16 in flight): single-threaded, the kernels left torch's OpenMP worker asleep 40%
-of the time (0.69x the base throughput); split, 0.91x."""
 MAX_LORA_RANK = 256
 """tmp[] in lora_delta."""
 
@@ -123,7 +117,7 @@ def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: tor
     B, T, d = h.shape
     m = masks(n, L)
     library().qaa_rx_residual(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), 0, rows.numel() * T,
-                              phase.data_ptr(), upb.data_ptr(), n, m.data_ptr(), THREADS)
+                              phase.data_ptr(), upb.data_ptr(), n, m.data_ptr(), torch.get_num_threads())
     return h
 
 
@@ -138,7 +132,7 @@ def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Ten
     T = x.shape[1]
     library().lora_delta(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), T,
                          x.shape[2], y.shape[2], rows.data_ptr(), slots.data_ptr(), rows.numel(),
-                         ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1], THREADS)
+                         ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1], torch.get_num_threads())
     return y
 
 

@@ -37,11 +37,7 @@ class BatchSeams:
     Routing (which rows use which slots) is worked out once per forward, not per layer.
     Prefixes are not applied here: they live in the KV cache (see PrefixBank).
 
-    Seams of modules that no row adapts return at once. At decode sizes the banks' kernels
-    are hundreds of small ops per step; they run on one intra-op thread. With more, each
-    op's OpenMP barrier waits on every worker, and on a loaded machine (a server's HTTP
-    threads) that wait dominates: measured on 2 cores under serving load, a mixed-adapter
-    decode ran 1.46x faster this way, while the base model's GEMMs keep all threads.
+    Seams of modules that no row adapts return at once.
     """
 
     offset = 0
@@ -66,39 +62,17 @@ class BatchSeams:
     def linear(self, layer, name, x, y):
         if (layer, name) not in self.active:
             return y
-        with _one_thread(x):
-            for bank, route in self.lin:
-                y = bank.linear(layer, name, x, y, route)
+        for bank, route in self.lin:
+            y = bank.linear(layer, name, x, y, route)
         return y
 
     def residual(self, layer, where, h):
         if (layer, where) not in self.active:
             return h
-        with _one_thread(h):
-            for bank, route in self.res:
-                h = bank.residual(layer, where, h, route)
+        for bank, route in self.res:
+            h = bank.residual(layer, where, h, route)
         return h
 
     def prefix(self, layer, batch):
         raise RuntimeError("per-row prefixes are served from the KV cache; use SingleSeams without a cache")
 
-
-SMALL_TOKENS = 64
-"""Up to this many tokens (B x T) in a forward, adapter ops run on one intra-op thread;
-prefills of more tokens are big enough to use them all."""
-
-
-class _one_thread:
-    """Run the enclosed ops on one intra-op thread (when x is small), then restore the count."""
-
-    def __init__(self, x: torch.Tensor):
-        self.small = x.shape[0] * x.shape[1] <= SMALL_TOKENS
-
-    def __enter__(self):
-        self.n = torch.get_num_threads() if self.small else 1
-        if self.n != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.n != 1:
-            torch.set_num_threads(self.n)
