@@ -32,4 +32,3 @@ def serial():
         yield
     finally:
         torch.set_num_threads(n)
-
