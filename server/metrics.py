@@ -37,6 +37,7 @@ class Metrics:
         self.generation_tokens = Counter("qaa_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("qaa_requests", "Finished requests", ["outcome", "adapter_type"], registry=r)
         self.adapters_resident = Gauge("qaa_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
-        for tier in ("device", "host"):
+        for tier in ("device", "host"):  # every tier's series exists from the start, at zero
             self.adapter_hits.labels(tier=tier)
             self.adapter_misses.labels(tier=tier)
+            self.adapter_load_seconds.labels(tier=tier)

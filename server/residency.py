@@ -33,12 +33,18 @@ class Residency:
         self.pins: Counter = Counter()
         self.loading: dict[tuple, Future] = {}
         self.failed: dict[tuple, Exception] = {}
+        self.fresh: set[tuple] = set()  # read from disk, not yet loaded into the device
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self.wake = lambda: None  # the scheduler sets this: a finished read should be picked up
 
     def acquire(self, entry: Entry) -> Handle | None:
         """A pinned device handle for this stored version, or None while it is not ready
-        (being read from disk, or every device slot of its type is pinned)."""
+        (being read from disk, or every device slot of its type is pinned).
+
+        Counted once per event, however often a waiting request asks: a device hit per
+        handle served from the device; a device miss per load into the device, which is a
+        host hit unless the adapter was just read from disk; a host miss per disk read.
+        """
         key = entry.key
         h = self.device.get(key)
         if h is not None:
@@ -47,16 +53,18 @@ class Residency:
             self.pins[key] += 1
             return h
         ad = self.host.get(key)
-        if ad is None:
-            self._count("host", hit=False)
-            self._start_read(entry)
+        if ad is None and (ad := self._poll_read(entry)) is None:
             return None
         if not self._make_room(ad.kind):
             return None
-        self._count("device", hit=False)
         t0 = time.perf_counter()
         h = self.engine.adapters.load(slot_name(key), ad)
         self._observe_load("device", time.perf_counter() - t0)
+        self._count("device", hit=False)
+        if key in self.fresh:
+            self.fresh.discard(key)
+        else:
+            self._count("host", hit=True)
         self.host.move_to_end(key)
         self.device[key] = h
         self.pins[key] += 1
@@ -80,6 +88,7 @@ class Residency:
             del self.device[key]
         for key in [k for k in self.host if k[:2] == (tenant, adapter_id)]:
             del self.host[key]
+            self.fresh.discard(key)
 
     def tier(self, key: tuple) -> str:
         if key in self.device:
@@ -92,21 +101,28 @@ class Residency:
         return self.failed.pop(key, None)
 
     # --- internals ---------------------------------------------------------------------
-    def _start_read(self, entry: Entry) -> None:
+    def _poll_read(self, entry: Entry) -> Adapter | None:
+        """Start reading an adapter from disk (a host miss), or collect a finished read into
+        host memory and return it; None while the read runs or when it failed."""
         key = entry.key
         fut = self.loading.get(key)
         if fut is None:
+            self._count("host", hit=False)
             self.loading[key] = fut = self.pool.submit(self._read, entry)
             fut.add_done_callback(lambda _: self.wake())
-        elif fut.done():
-            del self.loading[key]
-            try:
-                ad, seconds = fut.result()
-            except Exception as e:  # the stored file went bad under us
-                self.failed[key] = e
-                return
-            self._observe_load("host", seconds)
-            self.put_host(key, ad)
+            return None
+        if not fut.done():
+            return None
+        del self.loading[key]
+        try:
+            ad, seconds = fut.result()
+        except Exception as e:  # the stored file went bad under us
+            self.failed[key] = e
+            return None
+        self._observe_load("host", seconds)
+        self.put_host(key, ad)
+        self.fresh.add(key)
+        return ad
 
     def _read(self, entry: Entry):
         t0 = time.perf_counter()
@@ -132,6 +148,7 @@ class Residency:
         while len(self.host) > self.max_host:
             key = next(iter(self.host))
             self.host.pop(key)
+            self.fresh.discard(key)
 
     def _count(self, tier: str, hit: bool) -> None:
         if self.metrics is not None:

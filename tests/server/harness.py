@@ -101,6 +101,15 @@ def upload(url: str, adapter_id: str, files: dict[str, bytes], key: str | None =
     return httpx.put(f"{url}/v1/adapters/{adapter_id}", files=parts, headers=headers, timeout=60)
 
 
+def metrics(url: str) -> dict[str, float]:
+    """/metrics parsed by prometheus_client: {'name{"label": "value"}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def adapter_files(ad) -> dict[str, bytes]:
     from adapters.files import CONFIG_NAME, WEIGHTS_NAME, to_bytes
 

@@ -11,7 +11,7 @@ import pytest
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from tests.adapters.cases import CASES, make
-from tests.server.harness import ThreadServer, adapter_files, generate, sse_events, upload
+from tests.server.harness import ThreadServer, adapter_files, generate, metrics, sse_events, upload
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +220,8 @@ def test_info_describes_the_served_model(srv, tiny_dir):
 
 
 def test_metrics_parse_and_count(srv):
-    from prometheus_client.parser import text_string_to_metric_families
-
     def snapshot():
-        text = httpx.get(srv.url + "/metrics").text
-        return {s.name + json.dumps(s.labels, sort_keys=True): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        return metrics(srv.url)
 
     key = 'qaa_e2e_request_latency_seconds_count{"adapter_type": "base"}'
     before = snapshot()

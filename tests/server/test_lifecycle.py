@@ -7,7 +7,7 @@ import threading
 import httpx
 
 from tests.adapters.cases import CASES, make
-from tests.server.harness import ProcServer, ThreadServer, adapter_files, generate, upload
+from tests.server.harness import ProcServer, ThreadServer, adapter_files, generate, metrics, upload
 
 
 def test_tenant_isolation(tiny_dir, tmp_path):
@@ -53,18 +53,30 @@ def test_queue_full_gives_429_with_retry_after(tiny_dir, tmp_path):
         assert generate(s.url, "after the flood", max_new_tokens=2).status_code == 200
 
 
+def _cache_counts(url) -> tuple:
+    m = metrics(url)
+    return tuple(int(m[f'qaa_adapter_cache_{kind}_total{{"tier": "{tier}"}}'])
+                 for tier in ("device", "host") for kind in ("hits", "misses"))
+
+
 def test_restart_keeps_adapters(tiny_dir, tmp_path):
     store = tmp_path / "store"
     with ProcServer(tiny_dir, store) as s:
         shape_ad = make(CASES[3], _shape(tiny_dir), seed=7)
         assert upload(s.url, "persist", adapter_files(shape_ad)).status_code == 201
         before = generate(s.url, "again", adapter_id="persist", max_new_tokens=10, ignore_eos=True).json()
+        # (device hits, device misses, host hits, host misses): an upload lands in host memory
+        assert _cache_counts(s.url) == (0, 1, 1, 0)
         assert s.terminate() == 0
     with ProcServer(tiny_dir, store) as s:
         listed = httpx.get(s.url + "/v1/adapters").json()["data"]
         assert [(a["id"], a["type"], a["version"], a["residency"]) for a in listed] == [("persist", "prefix", 1, "disk")]
         after = generate(s.url, "again", adapter_id="persist", max_new_tokens=10, ignore_eos=True).json()
         assert after == before
+        # one read from disk, counted once however many steps the request waited on it
+        assert _cache_counts(s.url) == (0, 1, 0, 1)
+        generate(s.url, "again", adapter_id="persist", max_new_tokens=2)
+        assert _cache_counts(s.url) == (1, 1, 0, 1)
 
 
 def test_sigterm_drains_running_requests_and_exits_0(tiny_dir, tmp_path):
