@@ -220,14 +220,11 @@ def test_info_describes_the_served_model(srv, tiny_dir):
 
 
 def test_metrics_parse_and_count(srv):
-    def snapshot():
-        return metrics(srv.url)
-
     key = 'qaa_e2e_request_latency_seconds_count{"adapter_type": "base"}'
-    before = snapshot()
+    before = metrics(srv.url)
     for _ in range(3):
         assert generate(srv.url, "count me", max_new_tokens=4, ignore_eos=True).status_code == 200
-    after = snapshot()
+    after = metrics(srv.url)
     assert after[key] - before.get(key, 0) == 3
     ttft = 'qaa_time_to_first_token_seconds_count{"adapter_type": "base"}'
     assert after[ttft] - before.get(ttft, 0) == 3
