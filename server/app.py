@@ -85,7 +85,9 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
+        errs = e.errors()
+        # a union (stop: str | list) reports each branch; the one about the value says most
+        first = next((x for x in errs if not x.get("type", "").endswith("_type")), errs[0] if errs else {})
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error(422, f"{where}: {first.get('msg', 'invalid request')}"[:1000], "validation")
 
@@ -154,7 +156,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             text, n = "", 0
             async for ev in _events(state, req):
                 if ev.kind == "error":
-                    yield _sse({"error": ev.message, "error_type": "generation"})
+                    yield _sse({"error": ev.message, "error_type": _event_error_type(ev)})
                     return
                 if ev.kind == "token":
                     text, n = text + ev.text, n + 1
@@ -186,7 +188,35 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
         req = await _start(state, p, body.model, ids, params)
         return await _openai_response(state, req, request, body, chat=True)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with the error body every route really answers with declared for
+    every 4xx and 5xx (in place of FastAPI's {"detail"} shape), and uploads' 200 (replaced)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = {"type": "object", "required": ["error", "error_type"],
+                        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}
+    for k in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(k, None)
+    err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["4XX"] = {"description": "The request cannot be served (the message says why)", **err}
+            responses["5XX"] = {"description": "The server failed or is shutting down", **err}
+            if method == "put" and path.startswith("/v1/adapters/"):
+                responses["200"] = {"description": "Replaced: a new version of an existing adapter",
+                                    **responses.get("201", {})}
+    app.openapi_schema = schema
+    return schema
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -294,11 +324,15 @@ async def _collect(state: ServerState, req: GenRequest, request: Request):
                 raise HTTPError(499, "client disconnected", "cancelled") from None
             continue
         if ev.kind == "error":
-            raise HTTPError(ev.status, ev.message, "unavailable" if ev.status == 503 else "generation")
+            raise HTTPError(ev.status, ev.message, _event_error_type(ev))
         if ev.kind == "token":
             text, n = text + ev.text, n + 1
         else:
             return text, ev.finish_reason, n
+
+
+def _event_error_type(ev: Event) -> str:
+    return {503: "unavailable", 422: "validation"}.get(ev.status, "generation")
 
 
 def _tgi_final(req: GenRequest, text: str, reason: str, n: int) -> dict:
@@ -331,8 +365,9 @@ async def _openai_response(state, req: GenRequest, request: Request, body, chat:
         first, n = True, 0
         async for ev in _events(state, req):
             n += ev.kind == "token"
-            if ev.kind == "error":
-                yield _sse({"error": {"message": ev.message, "type": "generation"}})
+            if ev.kind == "error":  # the final event says why; clients stop at [DONE]
+                yield _sse({"error": {"message": ev.message, "type": _event_error_type(ev), "code": ev.status}})
+                yield "data: [DONE]\n\n"
                 return
             reason = ev.finish_reason if ev.kind == "done" else None
             if ev.kind == "token" and not ev.text and not first:

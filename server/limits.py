@@ -52,7 +52,8 @@ class BodyLimit:
             status = 413 if length.isdigit() else 400
             body = json.dumps({"error": msg, "error_type": "too_large" if status == 413 else "validation"}).encode()
             await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
         seen = 0

@@ -29,7 +29,7 @@ def register_adapter_routes(app: FastAPI, state) -> None:
         past 1 MB) while the body limit counts it, so an oversized upload is refused with 413
         before it is held anywhere whole; a field sent twice or an unknown field is refused."""
         try:
-            form = await request.form(max_files=2, max_fields=2, max_part_size=2**20)
+            form = await request.form(max_files=8, max_fields=8, max_part_size=2**20)
         except MultiPartException as e:
             raise HTTPError(422, f"the upload is not an acceptable multipart form: {e.message}", "validation") from None
         except (AssertionError, ValueError, KeyError) as e:  # malformed framing or headers
