@@ -50,6 +50,11 @@ class Sequence:
         return self.start + len(self.prompt_ids) + len(self.out_ids) - 1
 
     @property
+    def end_ids(self) -> set[int]:
+        """Token ids that would end this sequence if drawn now."""
+        return set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.tokenizer.eos_ids))
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -59,7 +64,7 @@ class Sequence:
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
         p = self.params
-        if token in self.tokenizer.eos_ids and not p.ignore_eos:
+        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self.finish_reason = "stop"
             self._pending += self.decoder.flush()
             return self._flush()
@@ -100,7 +105,8 @@ def _rows(seqs, device):
 
 
 def _sample_into(seqs, logits) -> list[str]:
-    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs])
+    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs],
+                  [s.out_ids for s in seqs], [s.end_ids if s.params.min_tokens else () for s in seqs])
     # Up to here nothing of a sequence changed, so a failed step can be re-run row by row. A
     # row's own bookkeeping (stop strings, detokenizing) failing ends that row alone.
     return [_append(s, t) for s, t in zip(seqs, toks.tolist())]

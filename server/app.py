@@ -16,25 +16,18 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.base import AdapterError
-from engine.errors import QaaError
 from engine.sampling import SamplingParams
 from server.auth import Auth, Principal
+from server.errors import HTTPError, error, install_error_handlers, openapi_schema
 from server.limits import BodyLimit, Limits
+from server.request_id import RequestId
 from server.schemas import ChatRequest, CompletionRequest, TGIRequest
 from server.scheduler import Draining, Event, QueueFull, Request as GenRequest, Scheduler
 from server.store import NotFound, Store, check_id
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, error_type: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
 
 
 @dataclass
@@ -54,54 +47,19 @@ class ServerState:
         return self.limits.max_new_tokens
 
 
-ERROR_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 422: "validation", 429: "overloaded", 503: "unavailable",
-               507: "insufficient_storage"}
-
-
-def error(status, message, error_type=None, headers=None):
-    return JSONResponse({"error": message, "error_type": error_type or ERROR_TYPES.get(status, "internal")},
-                        status_code=status, headers=headers)
-
-
 def create_app(state: ServerState, lifespan=None) -> FastAPI:
     app = FastAPI(title="qaa-serve", version="0.1.0", lifespan=lifespan)
     app.state.s = state
     app.add_middleware(BodyLimit, limits=state.limits)
+    app.add_middleware(RequestId)
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(_, e: HTTPError):
-        return error(e.status, e.message, e.error_type, e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _framework(_, e: StarletteHTTPException):
-        # unknown routes, wrong methods, unreadable bodies, the body limit
-        msg = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
-        return error(e.status_code, msg, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        return error(500, f"internal error: {type(e).__name__}", "internal")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        errs = e.errors()
-        # a union (stop: str | list) reports each branch; the one about the value says most
-        first = next((x for x in errs if not x.get("type", "").endswith("_type")), errs[0] if errs else {})
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(422, f"{where}: {first.get('msg', 'invalid request')}"[:1000], "validation")
-
-    @app.exception_handler(QaaError)
-    async def _input(_, e: QaaError):
-        return error(422, str(e), "validation")
-
-    @app.exception_handler(AdapterError)
-    async def _adapter(_, e: AdapterError):
-        return error(422, str(e), "adapter")
+    install_error_handlers(app)
 
     from server.routes_adapters import register_adapter_routes
+    from server.routes_tokens import register_token_routes
 
     register_adapter_routes(app, state)
+    register_token_routes(app, state)
 
     @app.get("/health")
     async def health():
@@ -140,8 +98,10 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/")
     @app.post("/generate")
     async def generate(body: TGIRequest, request: Request):
+        """TGI's /generate; TGI's POST / is the same route, streaming when `stream` is set."""
         if body.stream:
             return await generate_stream(body, request)
         req = await _start_tgi(state, body, request)
@@ -176,47 +136,20 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             if len(prompt) != 1:
                 raise HTTPError(422, "prompt: only one prompt per request is supported", "validation")
             prompt = prompt[0]
-        params = _openai_params(state, body, body.max_tokens)
-        req = await _start(state, p, body.model, await _encode(state, prompt), params)
+        params, fit = _openai_params(state, body, body.max_tokens)
+        req = await _start(state, p, body.model, await _encode(state, prompt), params, fit)
         return await _openai_response(state, req, request, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         p = _principal(state, request)
-        params = _openai_params(state, body, body.max_completion_tokens or body.max_tokens)
-        ids = await _encode(state, [m.model_dump() for m in body.messages], chat=True)
-        req = await _start(state, p, body.model, ids, params)
+        params, fit = _openai_params(state, body, body.max_completion_tokens or body.max_tokens)
+        ids = await _encode(state, [m.for_template() for m in body.messages], chat=True)
+        req = await _start(state, p, body.model, ids, params, fit)
         return await _openai_response(state, req, request, body, chat=True)
 
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: openapi_schema(app)
     return app
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, with the error body every route really answers with declared for
-    every 4xx and 5xx (in place of FastAPI's {"detail"} shape), and uploads' 200 (replaced)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    from fastapi.openapi.utils import get_openapi
-
-    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-    schemas["Error"] = {"type": "object", "required": ["error", "error_type"],
-                        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}
-    for k in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(k, None)
-    err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    for path, ops in schema["paths"].items():
-        for method, op in ops.items():
-            responses = op.setdefault("responses", {})
-            responses.pop("422", None)
-            responses["4XX"] = {"description": "The request cannot be served (the message says why)", **err}
-            responses["5XX"] = {"description": "The server failed or is shutting down", **err}
-            if method == "put" and path.startswith("/v1/adapters/"):
-                responses["200"] = {"description": "Replaced: a new version of an existing adapter",
-                                    **responses.get("201", {})}
-    app.openapi_schema = schema
-    return schema
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -255,6 +188,9 @@ def _sampling(state: ServerState, stop: list[str], **kw) -> SamplingParams:
         raise HTTPError(422, f"stop: a stop string may have at most {lim.max_stop_chars} characters", "validation")
     if kw["max_new_tokens"] > lim.max_new_tokens:
         raise HTTPError(422, f"max_new_tokens must be <= {lim.max_new_tokens}, got {kw['max_new_tokens']}", "validation")
+    if kw.get("min_tokens", 0) > kw["max_new_tokens"]:
+        raise HTTPError(422, f"min_tokens ({kw['min_tokens']}) must be <= max_tokens ({kw['max_new_tokens']})",
+                        "validation")
     return SamplingParams(stop=stop, **kw)
 
 
@@ -266,8 +202,14 @@ def _limits(state: ServerState, ids: list[int], max_new: int, entry) -> None:
                         f"{f' + {virtual} virtual tokens' if virtual else ''} must be <= {total}", "validation")
 
 
-async def _start(state: ServerState, p: Principal, adapter_id, ids, params: SamplingParams) -> GenRequest:
+async def _start(state: ServerState, p: Principal, adapter_id, ids, params: SamplingParams,
+                 fit: bool = False) -> GenRequest:
+    """Queue a generation. fit: max_new_tokens was not asked for, so it shrinks to the room
+    the context leaves after the prompt (and a prefix adapter's virtual tokens)."""
     entry = resolve_adapter(state, p, adapter_id)
+    if fit:
+        virtual = entry.virtual_tokens if entry is not None else 0
+        params.max_new_tokens = max(1, min(params.max_new_tokens, state.engine.max_seq_len - len(ids) - virtual))
     _limits(state, ids, params.max_new_tokens, entry)
     req = GenRequest(ids, params, entry, asyncio.get_running_loop())
     try:
@@ -292,11 +234,19 @@ async def _start_tgi(state: ServerState, body: TGIRequest, request: Request) -> 
     return await _start(state, p, q.adapter_id, ids, params)
 
 
-def _openai_params(state: ServerState, body, max_tokens) -> SamplingParams:
+def _openai_params(state: ServerState, body, max_tokens) -> tuple[SamplingParams, bool]:
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return _sampling(state, stop, max_new_tokens=max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
-                     top_k=max(0, body.top_k), repetition_penalty=body.repetition_penalty, seed=body.seed,
-                     ignore_eos=body.ignore_eos)
+    vocab = state.engine.cfg.vocab_size
+    bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+    for t in [*bias, *(body.stop_token_ids or [])]:
+        if t >= vocab:
+            raise HTTPError(422, f"token id {t} is outside the vocabulary (0..{vocab - 1})", "validation")
+    # no max_tokens: up to the context (OpenAI's default), bounded by --max-new-tokens (_start)
+    return _sampling(state, stop, max_new_tokens=max_tokens or state.max_new_tokens, temperature=body.temperature,
+                     top_p=body.top_p, top_k=max(0, body.top_k), repetition_penalty=body.repetition_penalty,
+                     seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+                     frequency_penalty=body.frequency_penalty, logit_bias=bias, min_tokens=body.min_tokens,
+                     stop_token_ids=list(body.stop_token_ids or [])), max_tokens is None
 
 
 async def _events(state: ServerState, req: GenRequest):

@@ -108,12 +108,22 @@ def register_adapter_routes(app: FastAPI, state) -> None:
         state.scheduler.post(lambda: state.residency.forget(e.tenant, e.adapter_id))
         return {"id": e.adapter_id, "deleted": True}
 
+    def model_card(p, e=None) -> dict:
+        if e is None:
+            return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "qaa-serve",
+                    "max_model_len": state.engine.max_seq_len}
+        mid = e.adapter_id if e.tenant == p.tenant else f"{e.tenant}/{e.adapter_id}"
+        return {"id": mid, "object": "model", "created": int(e.created), "owned_by": e.tenant,
+                "parent": state.model_name, "root": state.model_name, "adapter_type": e.kind,
+                "max_model_len": state.engine.max_seq_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         p = _principal(state, request)
-        data = [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "qaa-serve"}]
-        for e in visible(p):
-            mid = e.adapter_id if e.tenant == p.tenant else f"{e.tenant}/{e.adapter_id}"
-            data.append({"id": mid, "object": "model", "created": int(e.created), "owned_by": e.tenant,
-                         "parent": state.model_name, "adapter_type": e.kind})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(p)] + [model_card(p, e) for e in visible(p)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        """One model: the base model, or an adapter the caller may use (404 otherwise)."""
+        p = _principal(state, request)
+        return model_card(p, resolve_adapter(state, p, model_id))

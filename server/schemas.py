@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT32 = 2**31 - 1
 NAME_CHARS = 256  # model, adapter ids (an admin's "tenant/id" included), user
 MAX_STOP = 1024
 STOP_CHARS = 4096
 MAX_MESSAGES = 4096
+MAX_TOKEN_LIST = 1024  # logit_bias entries, stop_token_ids
+
+# OpenAI request fields this server does not implement yet: refused (never silently ignored)
+# unless they carry their "off" value.
+UNSUPPORTED = {
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "store": (None, False),
+    "web_search_options": (None,), "reasoning_effort": (None,),
+}
 
 Name = Annotated[str, Field(max_length=NAME_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=STOP_CHARS)]
@@ -56,6 +67,15 @@ class StreamOptions(Body):
 
 
 class _OpenAIBase(Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unimplemented(cls, data):
+        if isinstance(data, dict):
+            for k, off in UNSUPPORTED.items():
+                if k in data and not any(data[k] == v and type(data[k]) is type(v) for v in off):
+                    raise ValueError(f"{k} is not supported by this server (send it unset)")
+        return data
+
     model: Name
     max_tokens: int | None = Field(default=None, ge=1, le=INT32)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -73,18 +93,55 @@ class _OpenAIBase(Body):
     user: Name | None = None
     ignore_eos: bool = False
     """vLLM's extension."""
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100, le=100)]] \
+        | None = Field(default=None, max_length=MAX_TOKEN_LIST)
+    """Token id (as a string, as OpenAI sends it) -> bias added to its logit."""
+    min_tokens: int = Field(default=0, ge=0, le=INT32)
+    """vLLM's extension: no EOS or stop token before this many tokens."""
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(max_length=MAX_TOKEN_LIST)] | None = None
+    """vLLM's extension: token ids that end generation."""
 
 
 class CompletionRequest(_OpenAIBase):
     prompt: (str
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
              | Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(min_length=1)])
-    echo: bool = False
+
+
+class ContentPart(Body):
+    type: Literal["text"]
+    """Only text parts are served; an image or audio part is refused."""
+    text: str
 
 
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    """Text, or a list of text parts (joined); None only for an assistant turn."""
+    name: Name | None = None
+    tool_call_id: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("content"), list):
+            for part in data["content"]:
+                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    raise ValueError(f"content parts of type {part.get('type')!r} are not supported (text only)")
+        return data
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict:
+        # the developer role is OpenAI's new name for system; chat templates know system
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text(), **({"name": self.name} if self.name else {}),
+                **({"tool_call_id": self.tool_call_id} if self.tool_call_id else {})}
 
 
 class ChatRequest(_OpenAIBase):

@@ -1,0 +1,126 @@
+"""OpenAI/vLLM/TGI request fields and endpoints, through the clients users have: each field is
+honoured (checked by behaviour) or refused with an error that names it."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.adapters.cases import CASES, make
+from tests.server.harness import ThreadServer, adapter_files, sse_events, upload
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_dir, tmp_path_factory):
+    with ThreadServer(tiny_dir, tmp_path_factory.mktemp("store"), max_running=4) as s:
+        assert upload(s.url, "fields-lora", adapter_files(make(CASES[0], s.state.engine.shape, seed=8))).status_code == 201
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("logprobs", True), ("top_logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "end")])
+def test_unimplemented_fields_are_refused_by_name(srv, client, field, value):
+    create = client.chat.completions.create if field in ("response_format", "tools", "top_logprobs") \
+        else client.completions.create
+    kw = {"messages": [{"role": "user", "content": "hi"}]} if create == client.chat.completions.create \
+        else {"prompt": "hi"}
+    if field == "top_logprobs":
+        kw["logprobs"] = False
+    with pytest.raises(openai.BadRequestError) as e:
+        create(model=srv.state.model_name, max_tokens=2, extra_body={field: value}, **kw)
+    assert field in str(e.value)
+
+
+def _text(client, srv, **kw):
+    return client.completions.create(model=srv.state.model_name, prompt="Bias me", max_tokens=6, **GREEDY,
+                                     **kw).choices[0].text
+
+
+def test_logit_bias_forces_and_bans_tokens(srv, client, tiny_dir):
+    z = httpx.post(srv.url + "/tokenize", json={"prompt": "Z", "add_special_tokens": False}).json()["tokens"]
+    assert len(z) == 1
+    assert _text(client, srv, logit_bias={str(z[0]): 100}) == "Z" * 6
+    # the greedy first token, banned, is never drawn: the text changes from its first token
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+
+    local = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=256)  # the served model, run here
+    first = local.generate(["Bias me"], SamplingParams(max_new_tokens=1))[0].token_ids[0]
+    plain = _text(client, srv)
+    banned = _text(client, srv, logit_bias={str(first): -100})
+    assert banned != plain and _text(client, srv, logit_bias={str(first): 0}) == plain
+
+
+def test_penalties_and_vllm_fields_reach_the_sampler(srv, client):
+    m = srv.state.model_name
+    plain = client.completions.create(model=m, prompt="aaaa", max_tokens=24, **GREEDY).choices[0].text
+    pen = client.completions.create(model=m, prompt="aaaa", max_tokens=24, frequency_penalty=2.0, presence_penalty=2.0,
+                                    **GREEDY).choices[0].text
+    assert pen != plain
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model=m, prompt="x", max_tokens=2, extra_body={"min_tokens": 5})
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model=m, prompt="x", max_tokens=2, extra_body={"stop_token_ids": [10**6]})
+
+
+def test_content_parts_and_roles(srv, client):
+    m = srv.state.model_name
+
+    def say(messages):
+        return client.chat.completions.create(model=m, messages=messages, max_tokens=8, **GREEDY).choices[0].message.content
+
+    whole = say([{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello there"}])
+    parts = say([{"role": "developer", "content": "be brief"},
+                 {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    assert parts == whole
+    assert say([{"role": "user", "content": "x"}, {"role": "assistant", "content": None},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"}])
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        say([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}])
+
+
+def test_chat_without_max_tokens_runs_to_the_context(srv, client):
+    r = client.chat.completions.create(model=srv.state.model_name, messages=[{"role": "user", "content": "go on"}],
+                                       **GREEDY)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == srv.state.engine.max_seq_len
+
+
+def test_tgi_root_route_and_tokenize_endpoints(srv):
+    body = {"inputs": "root route", "parameters": {"max_new_tokens": 5, "ignore_eos": True}}
+    direct = httpx.post(srv.url + "/generate", json=body).json()
+    assert httpx.post(srv.url + "/", json=body).json() == direct
+    with httpx.stream("POST", srv.url + "/", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1]["generated_text"] == direct["generated_text"] and len(events) == 5 + 1  # tokens, final
+    tok = httpx.post(srv.url + "/tokenize", json={"prompt": "tokens, please"}).json()
+    assert tok["tokens"] == srv.state.engine.encode_prompt("tokens, please") and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == srv.state.engine.max_seq_len
+    chat = httpx.post(srv.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == srv.state.engine.encode_prompt([{"role": "user", "content": "hi"}], chat=True)
+    ids = httpx.post(srv.url + "/tokenize", json={"prompt": "round trip", "add_special_tokens": False}).json()["tokens"]
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "round trip"}
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": [10**6]}).status_code == 422
+
+
+def test_model_card_version_and_request_id(srv, client):
+    assert client.models.retrieve("fields-lora").id == "fields-lora"
+    assert client.models.retrieve(srv.state.model_name).id == srv.state.model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nobody")
+    assert httpx.get(srv.url + "/version").json()["version"] == srv.app.version
+    r = httpx.get(srv.url + "/health", headers={"x-request-id": "trace-123"})
+    assert r.headers["x-request-id"] == "trace-123"
+    made = httpx.get(srv.url + "/nowhere", headers={"x-request-id": "bad id with spaces"})
+    assert made.status_code == 404 and len(made.headers["x-request-id"]) == 32
+    assert made.headers["x-request-id"] != httpx.get(srv.url + "/nowhere").headers["x-request-id"]
