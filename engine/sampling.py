@@ -43,6 +43,9 @@ class SamplingParams:
     """End-of-sequence and stop tokens cannot be drawn before this many tokens (vLLM)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end generation as EOS does, even with ignore_eos (vLLM); not in the text."""
+    logprobs: int | None = None
+    """Record each drawn token's log-probability under the model (the log-softmax of its raw
+    logits, before any penalty or temperature) and the `logprobs` most likely; None = off."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -25,7 +25,7 @@ from server.auth import Auth, Principal
 from server.errors import HTTPError, error, install_error_handlers, openapi_schema
 from server.limits import BodyLimit, Limits
 from server.request_id import RequestId
-from server.schemas import ChatRequest, CompletionRequest, TGIRequest
+from server.schemas import TGIRequest
 from server.scheduler import Draining, Event, QueueFull, Request as GenRequest, Scheduler
 from server.store import NotFound, Store, check_id
 
@@ -128,25 +128,9 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        p = _principal(state, request)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-            if len(prompt) != 1:
-                raise HTTPError(422, "prompt: only one prompt per request is supported", "validation")
-            prompt = prompt[0]
-        params, fit = _openai_params(state, body, body.max_tokens)
-        req = await _start(state, p, body.model, await _encode(state, prompt), params, fit)
-        return await _openai_response(state, req, request, body, chat=False)
+    from server.routes_openai import register_openai_routes
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        p = _principal(state, request)
-        params, fit = _openai_params(state, body, body.max_completion_tokens or body.max_tokens)
-        ids = await _encode(state, [m.for_template() for m in body.messages], chat=True)
-        req = await _start(state, p, body.model, ids, params, fit)
-        return await _openai_response(state, req, request, body, chat=True)
+    register_openai_routes(app, state)
 
     app.openapi = lambda: openapi_schema(app)
     return app
@@ -234,21 +218,6 @@ async def _start_tgi(state: ServerState, body: TGIRequest, request: Request) -> 
     return await _start(state, p, q.adapter_id, ids, params)
 
 
-def _openai_params(state: ServerState, body, max_tokens) -> tuple[SamplingParams, bool]:
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    vocab = state.engine.cfg.vocab_size
-    bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-    for t in [*bias, *(body.stop_token_ids or [])]:
-        if t >= vocab:
-            raise HTTPError(422, f"token id {t} is outside the vocabulary (0..{vocab - 1})", "validation")
-    # no max_tokens: up to the context (OpenAI's default), bounded by --max-new-tokens (_start)
-    return _sampling(state, stop, max_new_tokens=max_tokens or state.max_new_tokens, temperature=body.temperature,
-                     top_p=body.top_p, top_k=max(0, body.top_k), repetition_penalty=body.repetition_penalty,
-                     seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
-                     frequency_penalty=body.frequency_penalty, logit_bias=bias, min_tokens=body.min_tokens,
-                     stop_token_ids=list(body.stop_token_ids or [])), max_tokens is None
-
-
 async def _events(state: ServerState, req: GenRequest):
     """The request's events until done; a consumer that stops early (disconnect) cancels it."""
     ended = False
@@ -295,45 +264,3 @@ def _tgi_final(req: GenRequest, text: str, reason: str, n: int) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-async def _openai_response(state, req: GenRequest, request: Request, body, chat: bool):
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created, model = int(time.time()), body.model
-    obj = "chat.completion" if chat else "text_completion"
-    if not body.stream:
-        text, reason, n = await _collect(state, req, request)
-        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n, "total_tokens": len(req.prompt_ids) + n}
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                  if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
-
-    usage = body.stream_options is not None and body.stream_options.include_usage
-    extra = {"usage": None} if usage else {}
-
-    async def events():
-        first, n = True, 0
-        async for ev in _events(state, req):
-            n += ev.kind == "token"
-            if ev.kind == "error":  # the final event says why; clients stop at [DONE]
-                yield _sse({"error": {"message": ev.message, "type": _event_error_type(ev), "code": ev.status}})
-                yield "data: [DONE]\n\n"
-                return
-            reason = ev.finish_reason if ev.kind == "done" else None
-            if ev.kind == "token" and not ev.text and not first:
-                continue
-            if chat:
-                delta = {"role": "assistant", "content": ev.text} if first else ({"content": ev.text} if ev.text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": ev.text, "finish_reason": reason, "logprobs": None}
-            first = False
-            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
-                        "choices": [choice], **extra})
-        if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-            p = len(req.prompt_ids)
-            yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
-                        "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}})
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")

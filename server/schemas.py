@@ -17,13 +17,14 @@ MAX_STOP = 1024
 STOP_CHARS = 4096
 MAX_MESSAGES = 4096
 MAX_TOKEN_LIST = 1024  # logit_bias entries, stop_token_ids
+MAX_N = 16  # completions per request (n, best_of): each is a generation in the batch
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs
 
 # OpenAI request fields this server does not implement yet: refused (never silently ignored)
 # unless they carry their "off" value.
 UNSUPPORTED = {
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "functions": (None, []), "function_call": (None, "none"), "suffix": (None, ""),
     "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "store": (None, False),
     "web_search_options": (None,), "reasoning_effort": (None,),
 }
@@ -84,7 +85,8 @@ class _OpenAIBase(Body):
     """vLLM's extension; 0 or -1 = off."""
     repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     """vLLM's extension."""
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    """Completions to return; with a seed, completion i is drawn with seed + i."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | StopList | None = None
@@ -108,6 +110,23 @@ class CompletionRequest(_OpenAIBase):
     prompt: (str
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
              | Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(min_length=1)])
+    echo: bool = False
+    """Return the prompt before the completion."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Each token's logprob and this many most likely alternatives."""
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Generate this many and return the n with the highest total logprob."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be >= n")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(Body):
@@ -147,3 +166,18 @@ class ChatMessage(Body):
 class ChatRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32)
+    logprobs: bool = False
+    """Return each token's logprob."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """With logprobs: this many most likely alternatives per token."""
+    best_of: None = None
+    """Not part of chat completions."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -145,7 +145,9 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
         "top_p": [0, 1.1],
         "top_k": [-2, 2**31],
         "max_tokens": [0, -5, 2**31, 5000],
-        "n": [2, 0, 100],
+        "n": [17, 0, 100],
+        "logprobs": [21, -1, 10**6],
+        "best_of": [17, 0],
         "repetition_penalty": [0, 101],
         "stop": [["s"] * 17, ["s"] * 10_000, "x" * 300, [""], [3]],
         "model": ["m" * 1000, ["tiny"]],
@@ -167,7 +169,7 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
                      ("logit_bias", {"x": 1}), ("logit_bias", {str(i): 1 for i in range(2000)}),
                      ("logit_bias", {"999999": 1}), ("min_tokens", -1), ("min_tokens", 10),
                      ("stop_token_ids", [-1]), ("stop_token_ids", list(range(2000))), ("response_format", {"type": "json_object"}),
-                     ("tools", [{"type": "function"}]), ("logprobs", True), ("echo", True), ("best_of", 3)]:
+                     ("tools", [{"type": "function"}]), ("suffix", "x")]:
         add(f"completions {field}={str(v)[:20]}", O, completion(**{field: v}))
     for name, prompt in [("empty list", []), ("nested lists", [[1, 2]]), ("negative id", [-1]),
                          ("id outside vocab", [10**6]), ("empty string in list", [""]), ("two prompts", ["a", "b"]),
@@ -182,6 +184,11 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
                        ("content too long for any context", [{"role": "user", "content": "y " * 400_000}])]:
         add(f"chat messages {name}", (413,) if "MB" in name else O, chat(messages=msgs))
     add("chat max_completion_tokens 0", O, chat(max_completion_tokens=0))
+    add("chat top_logprobs without logprobs", O, chat(top_logprobs=2))
+    add("chat top_logprobs 21", O, chat(logprobs=True, top_logprobs=21))
+    add("completions best_of below n", O, completion(n=3, best_of=2))
+    add("completions echo with logprobs", O, completion(echo=True, logprobs=2))
+    add("completions best_of streamed", O, completion(n=1, best_of=2, stream=True))
     add("chat image content part", O, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]))
 

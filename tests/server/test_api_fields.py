@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from engine.sampling import SamplingParams
 from tests.adapters.cases import CASES, make
 from tests.server.harness import ThreadServer, adapter_files, sse_events, upload
 
@@ -28,14 +29,12 @@ GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 @pytest.mark.parametrize("field,value", [
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("logprobs", True), ("top_logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "end")])
-def test_unimplemented_fields_are_refused_by_name(srv, client, field, value):
+    ("suffix", "end"), ("top_logprobs", 3)])
+def test_unimplemented_or_inconsistent_fields_are_refused_by_name(srv, client, field, value):
     create = client.chat.completions.create if field in ("response_format", "tools", "top_logprobs") \
         else client.completions.create
     kw = {"messages": [{"role": "user", "content": "hi"}]} if create == client.chat.completions.create \
         else {"prompt": "hi"}
-    if field == "top_logprobs":
-        kw["logprobs"] = False
     with pytest.raises(openai.BadRequestError) as e:
         create(model=srv.state.model_name, max_tokens=2, extra_body={field: value}, **kw)
     assert field in str(e.value)
@@ -52,7 +51,6 @@ def test_logit_bias_forces_and_bans_tokens(srv, client, tiny_dir):
     assert _text(client, srv, logit_bias={str(z[0]): 100}) == "Z" * 6
     # the greedy first token, banned, is never drawn: the text changes from its first token
     from engine.engine import Engine
-    from engine.sampling import SamplingParams
 
     local = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=256)  # the served model, run here
     first = local.generate(["Bias me"], SamplingParams(max_new_tokens=1))[0].token_ids[0]
@@ -124,3 +122,70 @@ def test_model_card_version_and_request_id(srv, client):
     made = httpx.get(srv.url + "/nowhere", headers={"x-request-id": "bad id with spaces"})
     assert made.status_code == 404 and len(made.headers["x-request-id"]) == 32
     assert made.headers["x-request-id"] != httpx.get(srv.url + "/nowhere").headers["x-request-id"]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    from engine.engine import Engine
+
+    return Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=256)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_log_softmax_of_the_models_logits(srv, client, local, stream):
+    import torch
+
+    ids = [40, 41, 42, 43, 44, 45]
+    kw = dict(model=srv.state.model_name, prompt=ids, max_tokens=5, logprobs=3, **GREEDY)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+        tops = [t for c in chunks if c.logprobs for t in c.logprobs.top_logprobs]
+    else:
+        lp = client.completions.create(**kw).choices[0].logprobs
+        tokens, tops = lp.token_logprobs, lp.top_logprobs
+    assert len(tokens) == len(tops) == 5
+    out = local.generate([ids], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        logits = local.model(torch.tensor([ids + out]))[0].float()  # (T, V), every position
+    ref = logits.log_softmax(-1)[len(ids) - 1: len(ids) - 1 + 5]
+    want = ref.gather(1, torch.tensor(out)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(tokens), want, atol=1e-4)
+    for row, top in zip(ref, tops):
+        k = row.topk(3)
+        assert sorted(top.values(), reverse=True) == pytest.approx(k.values.tolist(), abs=1e-4)
+
+
+def test_chat_logprobs_and_top_logprobs(srv, client):
+    r = client.chat.completions.create(model=srv.state.model_name, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    # greedy: the drawn token is the most likely one
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+
+
+def test_n_with_a_seed_is_n_different_completions_repeatably(srv, client):
+    kw = dict(model=srv.state.model_name, prompt="Once", max_tokens=12, n=3, seed=7, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    a = [c.text for c in client.completions.create(**kw).choices]
+    b = [c.text for c in client.completions.create(**kw).choices]
+    assert a == b and len(set(a)) == 3
+    streamed = {}
+    for c in client.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert [streamed[i] for i in range(3)] == a
+    best = client.completions.create(best_of=3, **{**kw, "n": 1})
+    assert best.choices[0].text in a and best.usage.completion_tokens == 36
+
+
+def test_echo_returns_the_prompt_first(srv, client):
+    m = srv.state.model_name
+    plain = client.completions.create(model=m, prompt="Echo me", max_tokens=4, **GREEDY).choices[0].text
+    echoed = client.completions.create(model=m, prompt="Echo me", max_tokens=4, echo=True, **GREEDY).choices[0].text
+    assert echoed == "Echo me" + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=m, prompt="Echo me", max_tokens=4, echo=True, stream=True, **GREEDY))
+    assert streamed == echoed
