@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,6 +42,8 @@ class ServerState:
     model_name: str
     limits: Limits
     """What one request may ask for (max_new_tokens, stop strings, body bytes)."""
+    lora_root: Path | None = None
+    """Where /v1/load_lora_adapter may read adapter directories from; None = off."""
 
     @property
     def max_new_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Every error the HTTP API answers with, the framework's own included, as JSON.
 
-On the OpenAI routes (/v1/completions, /v1/chat/completions, /v1/models) the body is OpenAI's
+On the OpenAI routes (/v1/completions, /v1/chat/completions, /v1/models, and vLLM's
+/v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /detokenize) the body is OpenAI's
 error object {"error": {"message", "type", "param", "code"}} and bad input is a 400, so the
 `openai` SDK raises its typed exceptions with our message. Elsewhere (TGI's routes, adapters,
 health) it is {"error": message, "error_type": kind} with 422 for bad input, as TGI does.
@@ -24,7 +25,9 @@ ERROR_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 405: 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable"}
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+# OpenAI's routes and vLLM's extensions (which answer with OpenAI's error object too)
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+                "/v1/unload_lora_adapter", "/tokenize", "/detokenize")
 
 
 class HTTPError(Exception):

@@ -108,7 +108,7 @@ def test_tgi_root_route_and_tokenize_endpoints(srv):
     assert chat["tokens"] == srv.state.engine.encode_prompt([{"role": "user", "content": "hi"}], chat=True)
     ids = httpx.post(srv.url + "/tokenize", json={"prompt": "round trip", "add_special_tokens": False}).json()["tokens"]
     assert httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "round trip"}
-    assert httpx.post(srv.url + "/detokenize", json={"tokens": [10**6]}).status_code == 422
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
 
 
 def test_model_card_version_and_request_id(srv, client):
@@ -189,3 +189,29 @@ def test_echo_returns_the_prompt_first(srv, client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=m, prompt="Echo me", max_tokens=4, echo=True, stream=True, **GREEDY))
     assert streamed == echoed
+
+
+def test_vllm_runtime_lora_loading_only_under_its_root(tiny_dir, tmp_path, srv):
+    from adapters.files import save_dir
+
+    root = tmp_path / "loras"
+    ad = make(CASES[0], srv.state.engine.shape, seed=21)
+    save_dir(ad, root / "team" / "a1")
+    (tmp_path / "outside").mkdir()
+    # off by default, as in vLLM
+    assert httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a1"}).status_code == 404
+    with ThreadServer(tiny_dir, tmp_path / "store", lora_load_root=root) as s:
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "synced", "lora_path": "team/a1"})
+        assert r.status_code == 200 and "synced" in r.text
+        via_path = httpx.post(s.url + "/v1/completions", json={"model": "synced", "prompt": "hi", "max_tokens": 6,
+                                                               "temperature": 0, "ignore_eos": True}).json()
+        assert upload(s.url, "uploaded", adapter_files(ad)).status_code == 201
+        via_upload = httpx.post(s.url + "/v1/completions", json={"model": "uploaded", "prompt": "hi", "max_tokens": 6,
+                                                                 "temperature": 0, "ignore_eos": True}).json()
+        assert via_path["choices"][0]["text"] == via_upload["choices"][0]["text"]
+        for bad in ("../outside", str(tmp_path / "outside"), "team/../../outside", "missing"):
+            r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": bad})
+            assert r.status_code == 400 and "lora_path" in r.text, (bad, r.text)
+        assert httpx.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "synced"}).status_code == 200
+        gone = httpx.post(s.url + "/v1/completions", json={"model": "synced", "prompt": "hi", "max_tokens": 2})
+        assert gone.status_code == 404
