@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import AdapterError
@@ -26,7 +25,6 @@ from server.auth import Auth, Principal
 from server.errors import HTTPError, error, install_error_handlers, openapi_schema
 from server.limits import BodyLimit, Limits
 from server.request_id import RequestId
-from server.schemas import TGIRequest
 from server.scheduler import Draining, Event, QueueFull, Request as GenRequest, Scheduler
 from server.store import NotFound, Store, check_id
 
@@ -101,35 +99,9 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/")
-    @app.post("/generate")
-    async def generate(body: TGIRequest, request: Request):
-        """TGI's /generate; TGI's POST / is the same route, streaming when `stream` is set."""
-        if body.stream:
-            return await generate_stream(body, request)
-        req = await _start_tgi(state, body, request)
-        text, reason, n = await _collect(state, req, request)
-        return _tgi_final(req, text, reason, n)
+    from server.routes_tgi import register_tgi_routes
 
-    @app.post("/generate_stream")
-    async def generate_stream(body: TGIRequest, request: Request):
-        req = await _start_tgi(state, body, request)
-
-        async def events():
-            text, n = "", 0
-            async for ev in _events(state, req):
-                if ev.kind == "error":
-                    yield _sse({"error": ev.message, "error_type": _event_error_type(ev)})
-                    return
-                if ev.kind == "token":
-                    text, n = text + ev.text, n + 1
-                    yield _sse({"token": {"id": ev.token_id, "text": ev.text, "logprob": None, "special": False},
-                                "generated_text": None, "details": None})
-                else:
-                    final = _tgi_final(req, text, ev.finish_reason, n)
-                    yield _sse({"token": None, **final})
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    register_tgi_routes(app, state)
 
     from server.routes_openai import register_openai_routes
 
@@ -148,9 +120,14 @@ def _principal(state: ServerState, request: Request) -> Principal:
     return p
 
 
+# names clients send when they have no model name to give: TGI ignores `model`, and
+# huggingface_hub's InferenceClient sends "tgi" or "dummy" when it is pointed at a URL
+BASE_ALIASES = ("tgi", "dummy")
+
+
 def resolve_adapter(state: ServerState, p: Principal, adapter_id: str | None):
     """None for the base model; else the caller's stored adapter (404 if it has none)."""
-    if adapter_id in (None, "", state.model_name):
+    if adapter_id in (None, "", state.model_name, *BASE_ALIASES):
         return None
     tenant, aid = p.tenant, adapter_id
     if p.admin and "/" in adapter_id:
@@ -209,18 +186,6 @@ async def _start(state: ServerState, p: Principal, adapter_id, ids, params: Samp
     return req
 
 
-async def _start_tgi(state: ServerState, body: TGIRequest, request: Request) -> GenRequest:
-    p = _principal(state, request)
-    q = body.parameters
-    sample = q.do_sample or (q.temperature is not None and q.temperature > 0)
-    params = _sampling(
-        state, q.stop, max_new_tokens=q.max_new_tokens or min(100, state.max_new_tokens),
-        temperature=(q.temperature or 1.0) if sample else 0.0, top_k=q.top_k or 0, top_p=q.top_p or 1.0,
-        repetition_penalty=q.repetition_penalty or 1.0, seed=q.seed, ignore_eos=q.ignore_eos)
-    ids = await _encode(state, body.inputs)
-    return await _start(state, p, q.adapter_id, ids, params)
-
-
 async def _events(state: ServerState, req: GenRequest):
     """The request's events until done; a consumer that stops early (disconnect) cancels it."""
     ended = False
@@ -234,9 +199,9 @@ async def _events(state: ServerState, req: GenRequest):
             state.scheduler.cancel(req)
 
 
-async def _collect(state: ServerState, req: GenRequest, request: Request):
-    """Wait for the whole completion, cancelling it if the client goes away."""
-    text, n = "", 0
+async def _collect(state: ServerState, req: GenRequest, request: Request) -> tuple[list[Event], str]:
+    """Every token event of one generation and its finish reason; cancelled if the client goes."""
+    events = []
     while True:
         try:
             ev = await asyncio.wait_for(req.queue.get(), timeout=0.25)
@@ -248,21 +213,13 @@ async def _collect(state: ServerState, req: GenRequest, request: Request):
         if ev.kind == "error":
             raise HTTPError(ev.status, ev.message, _event_error_type(ev))
         if ev.kind == "token":
-            text, n = text + ev.text, n + 1
+            events.append(ev)
         else:
-            return text, ev.finish_reason, n
+            return events, ev.finish_reason
 
 
 def _event_error_type(ev: Event) -> str:
     return {503: "unavailable", 422: "validation"}.get(ev.status, "generation")
-
-
-def _tgi_final(req: GenRequest, text: str, reason: str, n: int) -> dict:
-    reason = {"stop": "eos_token", "length": "length"}.get(reason, reason)
-    if req.seq is not None and req.params.stop and reason == "eos_token" and req.seq.out_ids[-1] not in req.seq.tokenizer.eos_ids:
-        reason = "stop_sequence"
-    return {"generated_text": text,
-            "details": {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "generated_tokens": n}}
 
 
 def _sse(obj) -> str:

@@ -22,7 +22,7 @@ from server.scheduler import Event
 
 
 def register_openai_routes(app: FastAPI, state) -> None:
-    from server.app import HTTPError, _encode, _principal, _sampling, _start
+    from server.app import HTTPError, _collect, _encode, _event_error_type, _principal, _sampling, _start
 
     def params_of(body, max_tokens) -> tuple[SamplingParams, bool]:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
@@ -96,26 +96,6 @@ def register_openai_routes(app: FastAPI, state) -> None:
                 "top_logprobs": [{token_str(t): lp for t, lp in e.logprob[1]} for e in events],
                 "text_offset": offsets}
 
-    async def collect(req, request: Request) -> tuple[list[Event], str]:
-        """Every token event of one generation and its finish reason (cancelled if the client goes)."""
-        events = []
-        while True:
-            try:
-                ev = await asyncio.wait_for(req.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    state.scheduler.cancel(req)
-                    raise HTTPError(499, "client disconnected", "cancelled") from None
-                continue
-            if ev.kind == "error":
-                from server.app import _event_error_type
-
-                raise HTTPError(ev.status, ev.message, _event_error_type(ev))
-            if ev.kind == "token":
-                events.append(ev)
-            else:
-                return events, ev.finish_reason
-
     async def respond(reqs, request: Request, body, chat: bool, echo: str = ""):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, model = int(time.time()), body.model
@@ -123,7 +103,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
         n_prompt = len(reqs[0].prompt_ids)
         if not body.stream:
             try:
-                results = await asyncio.gather(*(collect(r, request) for r in reqs))
+                results = await asyncio.gather(*(_collect(state, r, request) for r in reqs))
             except BaseException:
                 for r in reqs:
                     state.scheduler.cancel(r)
@@ -156,8 +136,6 @@ def register_openai_routes(app: FastAPI, state) -> None:
             async for i, ev in merged(reqs):
                 used += ev.kind == "token"
                 if ev.kind == "error":  # the final event says why; clients stop at [DONE]
-                    from server.app import _event_error_type
-
                     yield f"data: {json.dumps({'error': {'message': ev.message, 'type': _event_error_type(ev), 'code': ev.status}})}\n\n"
                     yield "data: [DONE]\n\n"
                     return

@@ -39,21 +39,43 @@ class Body(BaseModel):
 
 
 class TGIParameters(Body):
-    """TGI / LoRAX `parameters`; fields of theirs we do not act on are accepted and ignored."""
+    """TGI / LoRAX `parameters`. Every one of TGI's parameters is implemented or refused by
+    name; an unknown parameter is an error (nothing a client sends is silently ignored)."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     adapter_id: Name | None = None
     max_new_tokens: int | None = Field(default=None, ge=1, le=INT32)
     temperature: float | None = Field(default=None, gt=0, le=100)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=INT32)
     repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     """TGI's seed is an unsigned 64-bit integer."""
     stop: StopList = Field(default_factory=list)
     details: bool = False
+    """Return finish reason, token count, seed and every token with its logprob."""
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """With each token, this many most likely ones."""
+    return_full_text: bool = False
+    """Prepend the prompt to generated_text."""
+    truncate: int | None = Field(default=None, ge=1, le=INT32)
+    """Keep only the last `truncate` prompt tokens."""
     do_sample: bool = False
     ignore_eos: bool = False
     """vLLM's extension: generate max_new_tokens whatever the model says (benchmarks)."""
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    """Only 1 (several sequences per request: use OpenAI's n)."""
+    decoder_input_details: Literal[False] = False
+    """Prompt-token logprobs are not computed: refused when true."""
+    typical_p: None = None
+    """Typical sampling is not implemented: refused when set."""
+    watermark: Literal[False] = False
+    """Watermarking is not implemented: refused when true."""
+    grammar: None = None
+    """Grammar-constrained decoding is not implemented yet: refused when set."""
+    adapter_source: Literal["local", None] = None
+    """LoRAX: adapters come from this server's store only."""
 
 
 class TGIRequest(Body):

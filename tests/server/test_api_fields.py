@@ -100,7 +100,7 @@ def test_tgi_root_route_and_tokenize_endpoints(srv):
     assert httpx.post(srv.url + "/", json=body).json() == direct
     with httpx.stream("POST", srv.url + "/", json={**body, "stream": True}) as r:
         events = sse_events(r)
-    assert events[-1]["generated_text"] == direct["generated_text"] and len(events) == 5 + 1  # tokens, final
+    assert events[-1]["generated_text"] == direct["generated_text"] and len(events) == 5
     tok = httpx.post(srv.url + "/tokenize", json={"prompt": "tokens, please"}).json()
     assert tok["tokens"] == srv.state.engine.encode_prompt("tokens, please") and tok["count"] == len(tok["tokens"])
     assert tok["max_model_len"] == srv.state.engine.max_seq_len
@@ -215,3 +215,51 @@ def test_vllm_runtime_lora_loading_only_under_its_root(tiny_dir, tmp_path, srv):
         assert httpx.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "synced"}).status_code == 200
         gone = httpx.post(s.url + "/v1/completions", json={"model": "synced", "prompt": "hi", "max_tokens": 2})
         assert gone.status_code == 404
+
+
+def test_huggingface_hub_inference_client(srv, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # the suite runs offline; this client talks to the server on loopback only
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub = InferenceClient(base_url=srv.url)
+    direct = httpx.post(srv.url + "/generate", json={"inputs": "Hub", "parameters": {
+        "max_new_tokens": 6, "ignore_eos": True}}).json()["generated_text"]
+    out = hub.text_generation("Hub", max_new_tokens=6, details=True, top_n_tokens=2)
+    assert out.details.generated_tokens == len(out.details.tokens) and out.details.finish_reason in ("length", "eos_token")
+    assert "".join(t.text for t in out.details.tokens) == out.generated_text
+    assert all(t.logprob <= 0 for t in out.details.tokens) and all(len(tt) == 2 for tt in out.details.top_tokens)
+    streamed = list(hub.text_generation("Hub", max_new_tokens=6, details=True, stream=True))
+    assert "".join(s.token.text for s in streamed) == streamed[-1].generated_text == out.generated_text
+    assert streamed[-1].details.generated_tokens == len(streamed)
+    if out.details.finish_reason == "length":
+        assert out.generated_text == direct
+    # chat through the hub client, with and without a model name
+    answers = []
+    for model in (None, srv.state.model_name, "fields-lora"):
+        r = hub.chat_completion([{"role": "user", "content": "Hi"}], model=model, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens <= 4
+        answers.append(r.choices[0].message.content)
+    assert answers[0] == answers[1]  # no model name: the base model, as TGI serves it
+
+
+@pytest.mark.parametrize("param,value", [("decoder_input_details", True), ("typical_p", 0.5), ("watermark", True),
+                                         ("grammar", {"type": "json", "value": {}}), ("best_of", 2),
+                                         ("no_such_parameter", 1)])
+def test_tgi_parameters_not_implemented_are_refused_by_name(srv, param, value):
+    r = httpx.post(srv.url + "/generate", json={"inputs": "x", "parameters": {param: value}})
+    assert r.status_code == 422 and param in r.json()["error"]
+
+
+def test_tgi_full_text_and_truncate(srv):
+    body = {"inputs": "abcdefgh", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
+    plain = httpx.post(srv.url + "/generate", json=body).json()["generated_text"]
+    full = httpx.post(srv.url + "/generate", json={**body, "parameters": {**body["parameters"],
+                                                                          "return_full_text": True}}).json()
+    assert full["generated_text"] == "abcdefgh" + plain
+    cut = httpx.post(srv.url + "/generate", json={**body, "parameters": {**body["parameters"], "truncate": 3}}).json()
+    assert cut["details"]["prompt_tokens"] == 3
+    same = httpx.post(srv.url + "/generate", json={"inputs": "fgh", "parameters": {"max_new_tokens": 4, "ignore_eos": True}})
+    # the tiny tokenizer is one token per byte: the last 3 tokens of the prompt are "fgh"
+    assert cut["generated_text"] == same.json()["generated_text"]
