@@ -80,7 +80,7 @@ def quantum_sweep(adapter: str | Path, data: str, shots: list[int], noises: list
         outs = engine.generate(prompts, sp, chat=True, adapters=names)
         cands = [o.text.strip() for o in outs]
         out[name] = {"n": len(held), **score(cands, refs), "seconds": time.perf_counter() - t0,
-                     "generations": cands}
+                     "generations": cands, "token_ids": [list(o.token_ids) for o in outs]}
         if log:
             log(f"{name}: " + ", ".join(f"{m} {out[name][m]:.2f}" for m in METRICS) + f" ({out[name]['seconds']:.0f} s)")
     return out
