@@ -104,7 +104,7 @@ def sample_counts(probs: torch.Tensor, shots: int, generator: torch.Generator | 
     # the count of a subtree of outcomes (a prefix of the wires) splits binomially between
     # its two halves: n levels give the multinomial exactly
     n = K.bit_length() - 1
-    counts = torch.full((flat.shape[0], 1), float(shots))
+    counts = torch.full((flat.shape[0], 1), float(shots), device=flat.device)
     for level in range(n):
         q = flat.reshape(flat.shape[0], 2 ** (level + 1), -1).sum(-1).reshape(flat.shape[0], 2**level, 2)
         left = q[..., 0] / q.sum(-1).clamp_min(1e-30)
