@@ -25,7 +25,7 @@ from adapters.sora import SoraConfig, lambda_at, proximal_step
 from engine.engine import pick_device
 from engine.errors import InputError
 from engine.tokenizer import Tokenizer
-from engine.weights import load_model, resolve_model_dir
+from engine.weights import base_model_id, load_model, resolve_model_dir
 from training.data import IGNORE, batch, encode, load_examples, split
 
 METHODS = ("full", "lora", "sora", "prefix", "qaa")
@@ -163,7 +163,7 @@ class Trainer:
             self.named = dict(self.model.named_parameters())
             self.adapter, self.seams = None, None
         else:
-            cfg = adapter_config(c, self.model_dir.name)
+            cfg = adapter_config(c, base_model_id(self.model_dir))
             t = get_type(c.method)
             t.check_config(cfg, self.shape)
             g = torch.Generator().manual_seed(c.seed)
