@@ -9,13 +9,15 @@ import importlib
 import pytest
 
 from server.schemas import (
-    UNSUPPORTED, ChatMessage, ChatRequest, CompletionRequest, ContentPart, StreamOptions, TGIParameters, TGIRequest,
+    UNSUPPORTED, ChatMessage, ChatRequest, CompletionRequest, ContentPart, JsonSchemaSpec, ResponseFormat,
+    StreamOptions, TGIGrammar, TGIParameters, TGIRequest,
 )
 
 FIELDS = "tests.server.test_api_fields"
 API = "tests.server.test_api"
 ENGINE = "tests.engine.test_generate"
 HOSTILE = "tests.server.test_hostile"
+CONSTRAINED = "tests.server.test_constrained"
 LIFE = "tests.server.test_lifecycle"
 
 COVERED = {
@@ -56,15 +58,24 @@ COVERED = {
     "return_full_text": (FIELDS, "test_tgi_full_text_and_truncate"),
     "truncate": (FIELDS, "test_tgi_full_text_and_truncate"),
     "do_sample": (ENGINE, "test_seeded_sampling_is_reproducible_and_batch_independent"),
+    # constrained decoding
+    "response_format": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),
+    "json_schema": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),
+    "schema_": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),
+    "strict": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),  # always strict
+    "description": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),  # metadata
+    "value": (CONSTRAINED, "test_json_object_and_tgi_grammar"),
+    "grammar": (CONSTRAINED, "test_json_object_and_tgi_grammar"),
 }
 REFUSED = {
     # fields present only to be refused by name when set
     **{k: (FIELDS, "test_unimplemented_or_inconsistent_fields_are_refused_by_name") for k in UNSUPPORTED},
     **{k: (FIELDS, "test_tgi_parameters_not_implemented_are_refused_by_name")
-       for k in ("decoder_input_details", "typical_p", "watermark", "grammar")},
+       for k in ("decoder_input_details", "typical_p", "watermark")},
     "adapter_source": (HOSTILE, "test_hostile_inputs_get_4xx_fast_and_hurt_no_other_tenant"),
 }
-MODELS = [TGIParameters, TGIRequest, CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions]
+MODELS = [TGIParameters, TGIRequest, TGIGrammar, CompletionRequest, ChatRequest, ChatMessage, ContentPart,
+          StreamOptions, ResponseFormat, JsonSchemaSpec]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
