@@ -17,8 +17,7 @@ from adapters.files import load_dir
 from engine.engine import Engine
 from engine.errors import InputError
 from engine.sampling import SamplingParams
-from training.data import load_examples, split
-from training.evaluate import METRICS, score
+from training.evaluate import METRICS, held_out, score
 
 
 def parse_shots(text: str | None) -> list[int]:
@@ -55,12 +54,7 @@ def quantum_sweep(adapter: str | Path, data: str, shots: list[int], noises: list
                   seed: int = 0, log=None) -> dict:
     """{row name: {metrics..., seconds, generations}} for the base model, the exact circuit and
     every shots / noise setting, on the first n held-out examples, greedy decoding."""
-    if n <= 0:
-        raise InputError(f"n must be > 0, got {n}")
-    _, held = split(load_examples(data))
-    held = held[:n]
-    if not held:
-        raise InputError(f"{data} has too few examples to hold any out")
+    held = held_out(data, n)
     engine = Engine(model, device=device, max_batch=batch_size, max_adapters=1)
     ad = load_dir(adapter, engine.shape)
     if ad.kind != "qaa":
