@@ -28,6 +28,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--drain-seconds", type=float, default=30, help="on SIGTERM, how long running requests may finish")
+    ap.add_argument("--metrics-adapter-names", default="all", help="adapter ids vllm:lora_requests_info may show: "
+                    "all, none, or comma-separated tenants (see server/metrics.py)")
+    ap.add_argument("--ray", action="store_true", help="run on Ray Serve: an ingress and --replicas engine replicas")
+    ap.add_argument("--replicas", type=int, default=2, help="engine replicas with --ray")
     return ap.parse_args(argv)
 
 
@@ -50,7 +54,9 @@ def build(args, scheduler_thread: bool = True):
                          f"only; {args.host} is not a loopback address")
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
                     max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters)
-    metrics = Metrics()
+    names = args.metrics_adapter_names
+    metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),
+                      args.max_device_adapters)
     store = Store(args.adapter_dir, engine.shape, max_bytes=int(args.max_upload_mb * 2**20))
     residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
     scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics)
@@ -79,6 +85,10 @@ def _loopback(host: str) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.ray:
+        from server.ray_app import main as ray_main
+
+        return ray_main(args)
     from adapters.base import AdapterError
     from engine.errors import QaaError
 
