@@ -71,7 +71,11 @@ def build(args, scheduler_thread: bool = True):
 
     state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name,
                         min(args.max_new_tokens, engine.max_seq_len - 1))
-    return create_app(state, lifespan=lifespan)
+    app = create_app(state, lifespan=lifespan)
+    from server.probes import register_probes
+
+    register_probes(app, state)
+    return app
 
 
 def _loopback(host: str) -> bool:

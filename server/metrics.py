@@ -65,6 +65,11 @@ class _LoraInfo:
         self._labels = {"max_lora": str(max_lora), "running_lora_adapters": "", "waiting_lora_adapters": ""}
         self._stamp = time.time()
 
+    @property
+    def stamp(self) -> float:
+        """When the scheduler last published (the end of its last step)."""
+        return self._stamp
+
     def update(self, max_lora: int, running: str, waiting: str) -> None:
         with self._lock:
             new = {"max_lora": str(max_lora), "running_lora_adapters": running, "waiting_lora_adapters": waiting}

@@ -148,3 +148,50 @@ def test_adapter_names_option(allowed, running, waiting):
     got = samples(generate_latest(m.registry).decode())
     (s,) = got["vllm:lora_requests_info"]
     assert s.labels == {"max_lora": "3", "running_lora_adapters": running, "waiting_lora_adapters": waiting}
+
+
+def test_probes_ready_and_live(srv):
+    """Readiness follows draining; liveness fails when the scheduler makes no step for
+    stall_seconds while a request waits, and recovers when it steps again."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.probes import register_probes
+
+    app = FastAPI()
+    register_probes(app, srv.state, stall_seconds=0.3)
+    probe = TestClient(app)
+    sched = srv.state.scheduler
+    assert probe.get("/health/ready").status_code == 200
+    sched.draining = True
+    try:
+        assert probe.get("/health/ready").status_code == 503
+    finally:
+        sched.draining = False
+    gate, real_step = threading.Event(), sched._step
+
+    def stuck_step():
+        gate.wait(30)
+        return real_step()
+
+    sched._step = stuck_step
+    try:
+        t = threading.Thread(target=httpx.post, args=(srv.url + "/generate",),
+                             kwargs={"json": {"inputs": "hi", "parameters": {"max_new_tokens": 2}}, "timeout": 60})
+        t.start()
+        deadline = time.monotonic() + 10
+        while not (sched.waiting or sched.running):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert probe.get("/health/live").status_code == 200  # busy, but not for long yet
+        time.sleep(0.4)
+        r = probe.get("/health/live")
+        assert r.status_code == 503 and r.json()["status"] == "stalled"
+    finally:
+        sched._step = real_step
+        gate.set()
+    t.join(30)
+    deadline = time.monotonic() + 10
+    while probe.get("/health/live").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
