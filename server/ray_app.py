@@ -91,6 +91,13 @@ class EngineReplica:
             if not ended:  # the ingress cancelled (its client went away)
                 self.s.scheduler.cancel(req)
 
+    def stats(self) -> tuple[str, dict]:
+        """(this replica, its adapter cache counters): what server.bench_fleet sums."""
+        m = self.s.metrics
+        return self.name, {f"{kind}_{tier}": c.labels(tier=tier)._value.get()
+                           for kind, c in (("hits", m.adapter_hits), ("misses", m.adapter_misses))
+                           for tier in ("device", "host")}
+
     def check_health(self):
         """Serve's liveness probe: the scheduler thread must be alive."""
         if not self.s.scheduler.thread.is_alive():
@@ -260,12 +267,14 @@ def main(args) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     opts = {k: v for k, v in vars(args).items() if k not in ("ray", "host", "port")}
-    opts = {k: v for k, v in opts.items() if not isinstance(v, bool) or k == "replicas"}
     serve.run(build(opts), name="qaa", route_prefix="/")
     print(f"qaa-serve: {args.replicas} engine replicas on Ray Serve at http://{args.host}:{args.port}", file=sys.stderr)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    serve.shutdown()
+    stopper = threading.Thread(target=serve.shutdown, daemon=True)  # drains the replicas
+    stopper.start()
+    stopper.join(60)  # bounded: a cluster whose processes already died cannot answer
+    ray.shutdown()
     return 0
