@@ -141,11 +141,11 @@ def test_killing_a_replica_mid_load_loses_no_adapter(fleet, local):
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         killed = time.monotonic()
         accepted = {n for n, f in ups.items() if f.result().status_code in (200, 201)} | {"k0"}
-    time.sleep(3)
+    time.sleep(4)
     stop.set()
     for t in loaders:
         t.join(120)
-    after = [(s, rep) for t, s, rep in results if t > killed + 1.0]
+    after = [(s, rep) for t, s, rep in results if t > killed + 2.0]  # what was on the victim has failed by then
     assert after and all(s == 200 for s, _ in after), after
     assert victim_name not in {rep for _, rep in after}
     assert any(s == 200 for t, s, _ in results if t > killed)
