@@ -5,7 +5,8 @@
 One local Ray cluster, 2 engine replicas (1 CPU each), one shared store holding --adapters
 LoRA adapters. The same power-law workload (adapter rank k drawn with P(k) ∝ k^-alpha, fixed
 seed; closed loop, --concurrency clients) runs through the ingress against a fresh
-deployment (cold caches) per run, alternating:
+deployment per run, alternating; its first --warmup requests fill the caches (their loads are
+printed as "cold"), the next --requests are measured:
   affinity   requests carry the adapter as Serve's multiplexed model id (@serve.multiplexed)
   plain      no id: Serve's default power-of-two-choices balancing, blind to adapters
 Printed per run and as medians: disk reads (host-tier misses) and device loads (device-tier
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--adapters", type=int, default=1000)
-    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--requests", type=int, default=300, help="measured requests per run")
+    ap.add_argument("--warmup", type=int, default=200, help="requests per run before the measured ones")
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -124,8 +126,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     make_store(root, model, a.adapters)
     print(f"store: {a.adapters} adapters in {time.perf_counter() - t0:.0f} s", flush=True)
-    names = workload(a.adapters, a.requests, a.alpha)
-    print(f"workload: {a.requests} requests over {len(set(names))} distinct adapters (alpha {a.alpha})", flush=True)
+    stream = workload(a.adapters, a.warmup + a.requests, a.alpha)
+    warm, names = stream[:a.warmup], stream[a.warmup:]
+    print(f"workload: {a.warmup} warm-up + {a.requests} measured requests over {len(set(stream))} distinct adapters "
+          f"(alpha {a.alpha}; {len(set(names))} in the measured part)", flush=True)
     env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "QAA_RAY_ADAPTERS_PER_REPLICA": str(a.host_adapters)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     port = _port()
@@ -142,7 +146,10 @@ def main(argv=None) -> None:
                 serve.run(app, name="bench", route_prefix="/")
                 engine = serve.get_deployment_handle("Engine", app_name="bench")
                 run_once(url, [None] * 4, 2, 1)  # base-model requests: connections and both replicas up
+                start = replica_stats(engine, 2)
+                run_once(url, warm, a.concurrency, a.new_tokens)
                 before = replica_stats(engine, 2)
+                cold = sum(before[r]["misses_host"] - start[r]["misses_host"] for r in before) * 100 / max(len(warm), 1)
                 ttft = run_once(url, names, a.concurrency, a.new_tokens)
                 after = replica_stats(engine, 2)
                 d = {k: sum(after[r][k] - before[r][k] for r in after) for k in next(iter(after.values()))}
@@ -151,7 +158,8 @@ def main(argv=None) -> None:
                 row = {"disk": d["misses_host"] * per100, "device": d["misses_device"] * per100,
                        "p50": q[0], "p99": q[1]}
                 results[mode].append(row)
-                print(f"run {rep + 1} {mode:8s}: disk reads/100 req {row['disk']:6.1f}  device loads/100 req "
+                print(f"run {rep + 1} {mode:8s}: cold disk reads/100 req {cold:5.1f} | measured: disk reads/100 req "
+                      f"{row['disk']:6.1f}  device loads/100 req "
                       f"{row['device']:6.1f}  TTFT p50 {row['p50'] * 1000:7.1f} ms  p99 {row['p99'] * 1000:7.1f} ms",
                       flush=True)
                 serve.delete("bench")
