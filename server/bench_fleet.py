@@ -130,6 +130,8 @@ def main(argv=None) -> None:
     warm, names = stream[:a.warmup], stream[a.warmup:]
     print(f"workload: {a.warmup} warm-up + {a.requests} measured requests over {len(set(stream))} distinct adapters "
           f"(alpha {a.alpha}; {len(set(names))} in the measured part)", flush=True)
+    first_use = len(set(names) - set(warm))  # read from disk once whatever the routing
+    print(f"floor: {first_use * 100 / len(names):.1f} disk reads per 100 measured requests are first uses", flush=True)
     env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "QAA_RAY_ADAPTERS_PER_REPLICA": str(a.host_adapters)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     port = _port()
