@@ -28,6 +28,16 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--drain-seconds", type=float, default=30, help="on SIGTERM, how long running requests may finish")
+    # what one tenant's request or adapter may demand (see README: Limits)
+    ap.add_argument("--max-request-bytes", type=int, default=2_000_000, help="largest JSON request body (413 above)")
+    ap.add_argument("--max-stop", type=int, default=16, help="most stop strings per request")
+    ap.add_argument("--max-stop-chars", type=int, default=256, help="longest stop string")
+    ap.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA/SoRA rank an adapter may have")
+    ap.add_argument("--max-circuit-layers", type=int, default=64, help="deepest QAA circuit an adapter may have")
+    ap.add_argument("--max-prefix-tokens", type=int, default=128,
+                    help="most prefix-tuning virtual tokens (also bounded by --max-seq-len - 2)")
+    ap.add_argument("--stall-seconds", type=float, default=60,
+                    help="/health answers 503 when the scheduler has made no progress this long with work pending")
     ap.add_argument("--metrics-adapter-names", default="all", help="adapter ids vllm:lora_requests_info may show: "
                     "all, none, or comma-separated tenants (see server/metrics.py)")
     ap.add_argument("--ray", action="store_true", help="run on Ray Serve: an ingress and --replicas engine replicas")
@@ -40,9 +50,11 @@ def build(args, scheduler_thread: bool = True):
 
     scheduler_thread=True starts the scheduler on a thread when the app starts; False leaves
     it to the caller to run on the main thread (what `qaa-serve` does)."""
+    from adapters.base import Capacity
     from engine.engine import Engine
     from server.app import ServerState, create_app
     from server.auth import Auth
+    from server.limits import Limits
     from server.metrics import Metrics
     from server.residency import Residency
     from server.scheduler import Scheduler
@@ -52,14 +64,19 @@ def build(args, scheduler_thread: bool = True):
     if not auth.enabled and not _loopback(args.host):
         raise SystemExit(f"qaa-serve: error: without --api-keys the server is single-tenant and listens on loopback "
                          f"only; {args.host} is not a loopback address")
+    capacity = Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
+                        max_virtual_tokens=args.max_prefix_tokens)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
-                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters)
+                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    max_new_tokens=min(args.max_new_tokens, engine.max_seq_len - 1), max_stop=args.max_stop,
+                    max_stop_chars=args.max_stop_chars)
     names = args.metrics_adapter_names
     metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),
                       args.max_device_adapters)
-    store = Store(args.adapter_dir, engine.shape, max_bytes=int(args.max_upload_mb * 2**20))
+    store = Store(args.adapter_dir, engine.shape, max_bytes=limits.max_upload_bytes, capacity=engine.capacity)
     residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
-    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics)
+    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics, args.stall_seconds)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -69,8 +86,7 @@ def build(args, scheduler_thread: bool = True):
         # uvicorn has stopped accepting and waited for open responses; finish what is left
         await asyncio.to_thread(scheduler.stop, args.drain_seconds)
 
-    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name,
-                        min(args.max_new_tokens, engine.max_seq_len - 1))
+    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits)
     app = create_app(state, lifespan=lifespan)
     from server.probes import register_probes
 
@@ -107,12 +123,15 @@ def main(argv=None) -> int:
 def serve(app, args) -> int:
     """uvicorn's event loop on a thread, the scheduler (the model) on the main thread.
 
-    SIGTERM/SIGINT start a graceful shutdown: stop accepting, let open responses finish,
-    drain the scheduler (bounded by --drain-seconds), exit 0. A second signal forces exit.
+    SIGTERM/SIGINT drain: the server takes no new requests (503, /health 503), running and
+    queued ones may finish until --drain-seconds, then every one still open ends with a final
+    event saying the server shut down, the listener closes and the process exits 0. A second
+    signal ends the drain at once.
     """
     import contextlib
     import signal
     import threading
+    import time
 
     import uvicorn
 
@@ -121,11 +140,26 @@ def serve(app, args) -> int:
         def capture_signals(self):  # signals belong to the main thread, see below
             yield
 
+    # open responses have had their final events by the time uvicorn is told to exit
     server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=int(args.drain_seconds) + 5))
+                                           timeout_graceful_shutdown=2))
     scheduler = app.state.s.scheduler
+
+    def close_when_drained():
+        deadline = time.monotonic() + args.drain_seconds + 1
+        while not scheduler.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.should_exit = True
+
+    def on_signal(signum, frame):
+        if scheduler.draining:
+            scheduler.begin_drain(0)
+            return
+        scheduler.begin_drain(args.drain_seconds)
+        threading.Thread(target=close_when_drained, name="drain", daemon=True).start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, on_signal)
 
     def http():
         try:

@@ -30,7 +30,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADAPTER_TYPES = ("base", "qaa", "lora", "sora", "prefix")
-OUTCOMES = ("stop", "length", "cancelled", "error")
+OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
+"""'rejected': refused before it was queued (429 queue full, 503 shutting down)."""
 LORA_INFO = "vllm:lora_requests_info"
 
 
@@ -64,11 +65,6 @@ class _LoraInfo:
         self._lock = threading.Lock()
         self._labels = {"max_lora": str(max_lora), "running_lora_adapters": "", "waiting_lora_adapters": ""}
         self._stamp = time.time()
-
-    @property
-    def stamp(self) -> float:
-        """When the scheduler last published (the end of its last step)."""
-        return self._stamp
 
     def update(self, max_lora: int, running: str, waiting: str) -> None:
         with self._lock:
@@ -134,6 +130,7 @@ class Metrics:
                                        vllm_counter("vllm:generation_tokens", "Tokens generated"))
         self.requests = Counter("qaa_requests", "Finished requests", ["outcome", "adapter_type"], registry=r)
         self.adapters_resident = Gauge("qaa_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self.adapters_pinned = Gauge("qaa_adapter_pins", "Adapter pins held by running requests", registry=r)
         self.lora_info = _LoraInfo(max_lora)
         r.register(self.lora_info)
         for tier in ("device", "host"):  # every tier's series exists from the start, at zero

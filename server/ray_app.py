@@ -69,7 +69,7 @@ class EngineReplica:
 
     async def generate(self, prompt_ids: list[int], params, entry):
         """Events of one generation, after a first item naming this replica."""
-        from server.scheduler import QueueFull, Request
+        from server.scheduler import Draining, QueueFull, Request
 
         mid = serve.get_multiplexed_model_id()
         if mid:
@@ -79,7 +79,10 @@ class EngineReplica:
         try:
             self.s.scheduler.submit(req)
         except QueueFull as e:
-            yield Event("error", message=f"server busy: {e}")
+            yield Event("error", message=f"server busy: {e}", status=429)
+            return
+        except Draining as e:
+            yield Event("error", message=str(e), status=503)
             return
         ended = False
         try:
@@ -102,6 +105,8 @@ class EngineReplica:
         """Serve's liveness probe: the scheduler thread must be alive."""
         if not self.s.scheduler.thread.is_alive():
             raise RuntimeError("the scheduler thread has stopped")
+        if self.s.scheduler.stalled():
+            raise RuntimeError("the scheduler has work but has made no progress for --stall-seconds")
 
     def __del__(self):
         s = getattr(self, "s", None)
@@ -113,10 +118,15 @@ class _Forwarder:
     """Stands in for the Scheduler at the ingress: submit() starts a streaming call to an
     engine replica and feeds its events into the request's queue."""
 
-    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, tokenizer):
+    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, tokenizer, stall_seconds: float):
         self.handle, self.affinity, self.tokenizer = handle, affinity, tokenizer
-        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_running, self.max_waiting, self.stall_seconds = max_running, max_waiting, stall_seconds
+        self.draining = False  # Serve drains the ingress itself
         self.tasks: dict[int, asyncio.Task] = {}
+
+    def stalled(self) -> bool:
+        """The engine replicas' liveness is Serve's health check (EngineReplica.check_health)."""
+        return False
 
     def submit(self, req) -> None:
         box = _box.get()
@@ -151,7 +161,8 @@ class _Forwarder:
             gen.cancel()
             raise
         except Exception as err:  # the replica died or could not be reached
-            req.queue.put_nowait(Event("error", message=f"engine replica failed: {type(err).__name__}: {err}"))
+            req.queue.put_nowait(Event("error", message=f"engine replica failed: {type(err).__name__}: {err}",
+                                       status=503))
         finally:
             self.tasks.pop(req.id, None)
             if box is not None and not box["replica"].done():
@@ -188,8 +199,11 @@ class _TokenizerOnly:
     no weights (encode_prompt is Engine's own)."""
 
     def __init__(self, args):
+        from dataclasses import replace
+
         import torch
 
+        from adapters.base import Capacity
         from engine.config import ModelConfig
         from engine.engine import Engine, pick_device, pick_dtype
         from engine.tokenizer import Tokenizer
@@ -200,6 +214,9 @@ class _TokenizerOnly:
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.shape = self.cfg.shape()
         self.max_seq_len = min(args.max_seq_len, self.cfg.max_position)
+        self.max_prompt_chars = 4 * self.max_seq_len * self.tokenizer.max_token_chars  # as Engine's
+        self.capacity = Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
+                                 max_virtual_tokens=max(1, min(args.max_prefix_tokens, self.max_seq_len - 2)))
         self.device = pick_device(args.device) if args.device != "auto" else torch.device("cpu")
         self.dtype = pick_dtype(args.dtype, self.device)
         self._engine = Engine
@@ -219,16 +236,21 @@ class Ingress:
         from server.app import ServerState
         from server.auth import Auth
         from server.cli import parse_args
+        from server.limits import Limits
         from server.metrics import Metrics
         from server.store import Store
 
         args = parse_args(argv)
         tok = _TokenizerOnly(args)
-        store = Store(args.adapter_dir, tok.shape, max_bytes=int(args.max_upload_mb * 2**20), refresh_seconds=refresh_seconds)
-        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, tok.tokenizer)
+        limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                        max_new_tokens=min(args.max_new_tokens, tok.max_seq_len - 1), max_stop=args.max_stop,
+                        max_stop_chars=args.max_stop_chars)
+        store = Store(args.adapter_dir, tok.shape, max_bytes=limits.max_upload_bytes, capacity=tok.capacity,
+                      refresh_seconds=refresh_seconds)
+        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, tok.tokenizer, args.stall_seconds)
         residency = SimpleNamespace(tier=lambda key: "disk")  # the ingress holds none: the store has it
         self.state = ServerState(tok, store, residency, fwd, Metrics(tok.name), Auth.from_file(args.api_keys), tok.name,
-                                 min(args.max_new_tokens, tok.max_seq_len - 1))
+                                 limits)
 
     def __serve_build_asgi_app__(self):
         from server.app import create_app

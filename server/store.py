@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.base import Adapter, AdapterError, BaseShape
+from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
 from adapters.threads import serial
@@ -90,10 +90,13 @@ def _versions(adir: Path) -> tuple[list[int], int]:
 
 class Store:
     def __init__(self, root: str | os.PathLike, shape: BaseShape, max_bytes: int = 512 * 2**20,
-                 refresh_seconds: float = 1.0):
+                 capacity: Capacity | None = None, refresh_seconds: float = 1.0):
         """refresh_seconds: how stale this replica's view of an adapter may be before it is
         read again from disk (the staleness bound for changes made by other replicas)."""
         self.root, self.shape, self.max_bytes = Path(root), shape, max_bytes
+        self.capacity = capacity or Capacity()
+        """What an adapter may demand; checked on upload and again on every read, so an
+        adapter stored under looser limits fails its own requests, not the server."""
         self.refresh_seconds = refresh_seconds
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -199,7 +202,7 @@ class Store:
                 d = self.root / e.tenant / e.adapter_id / f"v{e.version}"
                 try:
                     if d.is_dir():
-                        return load_dir(d, self.shape)
+                        return load_dir(d, self.shape, self.capacity)
                 except FileNotFoundError:
                     pass
                 newer = self._refresh(e.tenant, e.adapter_id)  # removed by a newer upload or a delete
@@ -217,7 +220,7 @@ class Store:
         if len(config) + len(weights) > self.max_bytes:
             raise AdapterError(f"upload is {len(config) + len(weights)} bytes; the limit is {self.max_bytes}")
         with serial():
-            ad = load_bytes(config, weights, self.shape)  # raises before anything touches the disk
+            ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
         adir = self.root / tenant / adapter_id
         adir.mkdir(parents=True, exist_ok=True)
         tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")

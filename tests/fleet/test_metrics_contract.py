@@ -151,17 +151,18 @@ def test_adapter_names_option(allowed, running, waiting):
 
 
 def test_probes_ready_and_live(srv):
-    """Readiness follows draining; liveness fails when the scheduler makes no step for
-    stall_seconds while a request waits, and recovers when it steps again."""
+    """Readiness follows draining; liveness fails when the scheduler makes no progress for
+    --stall-seconds while a request waits, and recovers when it steps again."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from server.probes import register_probes
 
     app = FastAPI()
-    register_probes(app, srv.state, stall_seconds=0.3)
+    register_probes(app, srv.state)
     probe = TestClient(app)
     sched = srv.state.scheduler
+    stall = sched.stall_seconds
     assert probe.get("/health/ready").status_code == 200
     sched.draining = True
     try:
@@ -174,7 +175,7 @@ def test_probes_ready_and_live(srv):
         gate.wait(30)
         return real_step()
 
-    sched._step = stuck_step
+    sched._step, sched.stall_seconds = stuck_step, 0.3
     try:
         t = threading.Thread(target=httpx.post, args=(srv.url + "/generate",),
                              kwargs={"json": {"inputs": "hi", "parameters": {"max_new_tokens": 2}}, "timeout": 60})
@@ -186,9 +187,10 @@ def test_probes_ready_and_live(srv):
         assert probe.get("/health/live").status_code == 200  # busy, but not for long yet
         time.sleep(0.4)
         r = probe.get("/health/live")
-        assert r.status_code == 503 and r.json()["status"] == "stalled"
+        assert r.status_code == 503 and r.json()["error_type"] == "stalled"
+        assert probe.get("/health/ready").status_code == 200  # liveness restarts it; readiness is about draining
     finally:
-        sched._step = real_step
+        sched._step, sched.stall_seconds = real_step, stall
         gate.set()
     t.join(30)
     deadline = time.monotonic() + 10
