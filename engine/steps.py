@@ -35,6 +35,8 @@ class Sequence:
     """None while running; then 'stop' (EOS or stop string), 'length', 'cancelled' or 'error'."""
     error: Exception | None = None
     """What ended the sequence when finish_reason is 'error'."""
+    logprobs: list = field(default_factory=list)
+    """With params.logprobs: per generated token, (its logprob, [(id, logprob)] of the top ones)."""
     adapter: object = None
     """The adapter's Handle (name, kind, slot), or None for the base model."""
 
@@ -50,6 +52,11 @@ class Sequence:
         return self.start + len(self.prompt_ids) + len(self.out_ids) - 1
 
     @property
+    def end_ids(self) -> set[int]:
+        """Token ids that would end this sequence if drawn now."""
+        return set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.tokenizer.eos_ids))
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -59,7 +66,7 @@ class Sequence:
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
         p = self.params
-        if token in self.tokenizer.eos_ids and not p.ignore_eos:
+        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self.finish_reason = "stop"
             self._pending += self.decoder.flush()
             return self._flush()
@@ -100,10 +107,22 @@ def _rows(seqs, device):
 
 
 def _sample_into(seqs, logits) -> list[str]:
-    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs])
+    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs],
+                  [s.out_ids for s in seqs], [s.end_ids if s.params.min_tokens else () for s in seqs])
+    toks = toks.tolist()
+    want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None]
+    entries = {}
+    if want:  # the model's own distribution: raw logits, before penalties and temperature
+        lp = logits[want].float().log_softmax(-1)
+        for j, b in enumerate(want):
+            k = min(seqs[b].params.logprobs, lp.shape[-1])
+            top = lp[j].topk(k) if k else None
+            entries[b] = (lp[j, toks[b]].item(), list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
     # Up to here nothing of a sequence changed, so a failed step can be re-run row by row. A
     # row's own bookkeeping (stop strings, detokenizing) failing ends that row alone.
-    return [_append(s, t) for s, t in zip(seqs, toks.tolist())]
+    for b, entry in entries.items():
+        seqs[b].logprobs.append(entry)
+    return [_append(s, t) for s, t in zip(seqs, toks)]
 
 
 def _append(s: Sequence, token: int) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-circuit-layers", type=int, default=64, help="deepest QAA circuit an adapter may have")
     ap.add_argument("--max-prefix-tokens", type=int, default=128,
                     help="most prefix-tuning virtual tokens (also bounded by --max-seq-len - 2)")
+    ap.add_argument("--lora-load-root", default=None,
+                    help="enable vLLM's /v1/load_lora_adapter for adapter directories under this directory")
     ap.add_argument("--stall-seconds", type=float, default=60,
                     help="/health answers 503 when the scheduler has made no progress this long with work pending")
     ap.add_argument("--metrics-adapter-names", default="all", help="adapter ids vllm:lora_requests_info may show: "
@@ -86,7 +89,8 @@ def build(args, scheduler_thread: bool = True):
         # uvicorn has stopped accepting and waited for open responses; finish what is left
         await asyncio.to_thread(scheduler.stop, args.drain_seconds)
 
-    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits)
+    lora_root = Path(args.lora_load_root).resolve() if args.lora_load_root else None
+    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits, lora_root)
     app = create_app(state, lifespan=lifespan)
     from server.probes import register_probes
 

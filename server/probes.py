@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def register_probes(app, state) -> None:
-    from server.app import error
+    from server.errors import error
 
     @app.get("/health/ready")
     async def ready():

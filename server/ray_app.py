@@ -118,8 +118,8 @@ class _Forwarder:
     """Stands in for the Scheduler at the ingress: submit() starts a streaming call to an
     engine replica and feeds its events into the request's queue."""
 
-    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, tokenizer, stall_seconds: float):
-        self.handle, self.affinity, self.tokenizer = handle, affinity, tokenizer
+    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, stall_seconds: float):
+        self.handle, self.affinity = handle, affinity
         self.max_running, self.max_waiting, self.stall_seconds = max_running, max_waiting, stall_seconds
         self.draining = False  # Serve drains the ingress itself
         self.tasks: dict[int, asyncio.Task] = {}
@@ -132,8 +132,6 @@ class _Forwarder:
         box = _box.get()
         if box is not None:
             box["replica"] = asyncio.get_running_loop().create_future()
-        # server.app reads seq.out_ids[-1] to tell a stop string from EOS
-        req.seq = SimpleNamespace(out_ids=[], tokenizer=self.tokenizer)
         self.tasks[req.id] = asyncio.get_running_loop().create_task(self._run(req, box))
 
     def cancel(self, req) -> None:
@@ -154,8 +152,6 @@ class _Forwarder:
                     if box is not None and not box["replica"].done():
                         box["replica"].set_result(item)
                     continue
-                if item.kind == "token":
-                    req.seq.out_ids.append(item.token_id)
                 req.queue.put_nowait(item)
         except asyncio.CancelledError:
             gen.cancel()
@@ -199,8 +195,6 @@ class _TokenizerOnly:
     no weights (encode_prompt is Engine's own)."""
 
     def __init__(self, args):
-        from dataclasses import replace
-
         import torch
 
         from adapters.base import Capacity
@@ -247,7 +241,7 @@ class Ingress:
                         max_stop_chars=args.max_stop_chars)
         store = Store(args.adapter_dir, tok.shape, max_bytes=limits.max_upload_bytes, capacity=tok.capacity,
                       refresh_seconds=refresh_seconds)
-        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, tok.tokenizer, args.stall_seconds)
+        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, args.stall_seconds)
         residency = SimpleNamespace(tier=lambda key: "disk")  # the ingress holds none: the store has it
         self.state = ServerState(tok, store, residency, fwd, Metrics(tok.name), Auth.from_file(args.api_keys), tok.name,
                                  limits)
