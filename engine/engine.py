@@ -10,6 +10,7 @@ import torch
 
 from adapters.base import Capacity
 from engine.adapter_slots import AdapterSlots, Handle
+from engine.constraints import Grammars
 from engine.errors import InputError, QaaError
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
@@ -63,6 +64,7 @@ class Engine:
         self.cfg = self.model.cfg
         self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
+        self.grammars = Grammars(self.model_dir, self.cfg.vocab_size)
         self.shape = self.cfg.shape()
         # Text longer than this cannot fit in the context whatever its tokens (x4: Unicode
         # normalisation may fold several characters into one), so it is refused before the

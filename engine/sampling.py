@@ -43,6 +43,8 @@ class SamplingParams:
     """End-of-sequence and stop tokens cannot be drawn before this many tokens (vLLM)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end generation as EOS does, even with ignore_eos (vLLM); not in the text."""
+    grammar: object = None
+    """A compiled grammar (engine.constraints.Grammar) the output must follow; None = free."""
     logprobs: int | None = None
     """Record each drawn token's log-probability under the model (the log-softmax of its raw
     logits, before any penalty or temperature) and the `logprobs` most likely; None = off."""

@@ -42,6 +42,7 @@ class Sequence:
 
     def __post_init__(self):
         self.decoder = StreamDecoder(self.tokenizer)
+        self.constraint = self.params.grammar.matcher() if self.params.grammar is not None else None
         self.generator = None
         self.history = None  # (N,) prompt + output ids, only kept for repetition penalty
         self._pending = ""  # decoded text not yet shown: it may be the start of a stop string
@@ -66,7 +67,10 @@ class Sequence:
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
         p = self.params
-        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids \
+                or (self.constraint is not None and self.constraint.done):
             self.finish_reason = "stop"
             self._pending += self.decoder.flush()
             return self._flush()
@@ -107,22 +111,33 @@ def _rows(seqs, device):
 
 
 def _sample_into(seqs, logits) -> list[str]:
+    dists = _logprobs(seqs, logits)
+    for s, row in zip(seqs, logits):  # in place: the logits are this forward's own
+        if s.constraint is not None:
+            s.constraint.mask(row)
     toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs],
-                  [s.out_ids for s in seqs], [s.end_ids if s.params.min_tokens else () for s in seqs])
-    toks = toks.tolist()
-    want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None]
-    entries = {}
-    if want:  # the model's own distribution: raw logits, before penalties and temperature
-        lp = logits[want].float().log_softmax(-1)
-        for j, b in enumerate(want):
-            k = min(seqs[b].params.logprobs, lp.shape[-1])
-            top = lp[j].topk(k) if k else None
-            entries[b] = (lp[j, toks[b]].item(), list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
-    # Up to here nothing of a sequence changed, so a failed step can be re-run row by row. A
-    # row's own bookkeeping (stop strings, detokenizing) failing ends that row alone.
-    for b, entry in entries.items():
-        seqs[b].logprobs.append(entry)
+                  [s.out_ids for s in seqs], [s.end_ids if s.params.min_tokens else () for s in seqs]).tolist()
+    # Up to here nothing of a sequence changed (a matcher moves only when its token is
+    # appended), so a failed step can be re-run row by row. A row's own bookkeeping (grammar,
+    # stop strings, detokenizing) failing ends that row alone.
+    for b, (row, top) in dists.items():
+        seqs[b].logprobs.append((row[toks[b]].item(), top))
     return [_append(s, t) for s, t in zip(seqs, toks)]
+
+
+def _logprobs(seqs, logits) -> dict:
+    """{row: (its log-softmax (V,), [(id, logprob)] of the top ones)} for the rows that asked,
+    from the model's own distribution: raw logits, before grammar, penalties and temperature."""
+    want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not want:
+        return {}
+    lp = logits[want].float().log_softmax(-1)
+    out = {}
+    for j, b in enumerate(want):
+        k = min(seqs[b].params.logprobs, lp.shape[-1])
+        top = lp[j].topk(k) if k else None
+        out[b] = (lp[j], list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
+    return out
 
 
 def _append(s: Sequence, token: int) -> str:

@@ -10,6 +10,7 @@ body or upload too large, 422 bad input or over a limit, 429 queue full (with Re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -142,6 +143,19 @@ def resolve_adapter(state: ServerState, p: Principal, adapter_id: str | None):
 async def _encode(state: ServerState, prompt, chat: bool = False) -> list[int]:
     """Token ids, computed off the event loop: a long prompt never stalls other requests."""
     return await asyncio.to_thread(state.engine.encode_prompt, prompt, chat)
+
+
+async def _with_grammar(state: ServerState, params: SamplingParams, constrained: bool, schema: dict | None,
+                        param: str) -> SamplingParams:
+    """params with the compiled JSON grammar when the output is to be JSON (schema None: any
+    JSON). Compiling runs off the event loop, bounded in time."""
+    if not constrained:
+        return params
+    try:
+        grammar = await asyncio.wait_for(asyncio.to_thread(state.engine.grammars.json, schema), timeout=10)
+    except asyncio.TimeoutError:
+        raise HTTPError(422, "the JSON schema takes too long to compile", "validation", param=param) from None
+    return dataclasses.replace(params, grammar=grammar)
 
 
 def _sampling(state: ServerState, stop: list[str], **kw) -> SamplingParams:

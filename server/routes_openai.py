@@ -22,7 +22,18 @@ from server.scheduler import Event
 
 
 def register_openai_routes(app: FastAPI, state) -> None:
-    from server.app import HTTPError, _collect, _encode, _event_error_type, _principal, _sampling, _start
+    from server.app import (
+        HTTPError, _collect, _encode, _event_error_type, _principal, _sampling, _start, _with_grammar,
+    )
+
+    async def constrained(body, params: SamplingParams) -> SamplingParams:
+        if body.response_format is None:
+            return params
+        try:
+            on, schema = body.response_format.grammar_schema()
+        except ValueError as e:
+            raise HTTPError(422, str(e), "validation", param="response_format") from None
+        return await _with_grammar(state, params, on, schema, "response_format")
 
     def params_of(body, max_tokens) -> tuple[SamplingParams, bool]:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
@@ -62,6 +73,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
         p = _principal(state, request)
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         params, fit = params_of(body, body.max_tokens)
+        params = await constrained(body, params)
         ids = await _encode(state, prompt)
         reqs = await start_all(p, body, ids, params, fit)
         echo = (prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(ids)) if body.echo else ""
@@ -71,6 +83,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
     async def chat(body: ChatRequest, request: Request):
         p = _principal(state, request)
         params, fit = params_of(body, body.max_completion_tokens or body.max_tokens)
+        params = await constrained(body, params)
         ids = await _encode(state, [m.for_template() for m in body.messages], chat=True)
         reqs = await start_all(p, body, ids, params, fit)
         return await respond(reqs, request, body, chat=True)

@@ -12,7 +12,9 @@ from server.scheduler import Event
 
 
 def register_tgi_routes(app: FastAPI, state) -> None:
-    from server.app import _collect, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start
+    from server.app import (
+        _collect, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
+    )
 
     tok = state.engine.tokenizer
 
@@ -35,6 +37,8 @@ def register_tgi_routes(app: FastAPI, state) -> None:
             seed=q.seed, ignore_eos=q.ignore_eos,
             # TGI reports every token's logprob (details, streams): one log-softmax per row and step
             logprobs=q.top_n_tokens or 0)
+        if q.grammar is not None:
+            params = await _with_grammar(state, params, True, q.grammar.value, "grammar")
         ids = await _encode(state, body.inputs)
         if q.truncate is not None:
             ids = ids[-q.truncate:]

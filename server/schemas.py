@@ -23,7 +23,7 @@ MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs
 # OpenAI request fields this server does not implement yet: refused (never silently ignored)
 # unless they carry their "off" value.
 UNSUPPORTED = {
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "suffix": (None, ""),
     "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "store": (None, False),
     "web_search_options": (None,), "reasoning_effort": (None,),
@@ -36,6 +36,13 @@ StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TGIGrammar(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["json", "json_object"]
+    """JSON grammars only; TGI's regex grammar is refused."""
+    value: dict | None = None
 
 
 class TGIParameters(Body):
@@ -72,8 +79,8 @@ class TGIParameters(Body):
     """Typical sampling is not implemented: refused when set."""
     watermark: Literal[False] = False
     """Watermarking is not implemented: refused when true."""
-    grammar: None = None
-    """Grammar-constrained decoding is not implemented yet: refused when set."""
+    grammar: TGIGrammar | None = None
+    """TGI's grammar: {"type": "json", "value": schema} constrains the output to the schema."""
     adapter_source: Literal["local", None] = None
     """LoRAX: adapters come from this server's store only."""
 
@@ -82,6 +89,32 @@ class TGIRequest(Body):
     inputs: str
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
+
+
+class JsonSchemaSpec(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    name: Name | None = None
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict | None = Field(default=None, alias="schema")
+    """The JSON Schema the output must be valid under (size bounded where it is compiled)."""
+    strict: bool | None = None
+    """Always strict here: the output is constrained to the schema token by token."""
+
+
+class ResponseFormat(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+    value: dict | None = None
+    """TGI-style schema on json_object (what huggingface_hub sends for json_schema)."""
+
+    def grammar_schema(self) -> tuple[bool, dict | None]:
+        """(whether the output is constrained to JSON, the schema or None for any JSON)."""
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            return True, self.json_schema.schema_
+        return self.type == "json_object", self.value
 
 
 class StreamOptions(Body):
@@ -126,6 +159,8 @@ class _OpenAIBase(Body):
     """vLLM's extension: no EOS or stop token before this many tokens."""
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(max_length=MAX_TOKEN_LIST)] | None = None
     """vLLM's extension: token ids that end generation."""
+    response_format: ResponseFormat | None = None
+    """json_object: the output is JSON; json_schema: JSON valid under the schema (constrained decoding)."""
 
 
 class CompletionRequest(_OpenAIBase):

@@ -35,6 +35,11 @@ def parse_args(argv=None):
     ap.add_argument("--adapter-id", default=None)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--lr-schedule", default="constant", help="constant | linear | cosine (after the warmup)")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0 over this many steps")
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (logged either way)")
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: never)")
+    ap.add_argument("--report-to", default="none", help="none | tensorboard (OUT/runs)")
     return ap.parse_args(argv)
 
 
@@ -58,7 +63,8 @@ def main(argv=None) -> int:
             sora_max_lambda=args.sora_max_lambda, sora_schedule=args.sora_schedule, prefix_tokens=args.prefix_tokens,
             qaa_layers=args.qaa_layers, qaa_rotation=args.qaa_rotation, qaa_placement=args.qaa_placement.split(","),
             qaa_gradient=args.qaa_gradient, device=args.device, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, quiet=args.quiet)
+            resume=args.resume, quiet=args.quiet, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+            max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, report_to=args.report_to)
         t = Trainer(c)
         print(f"{args.method}: {ratio_line(t.n_trainable(), t.shape.n_params)}", file=sys.stderr)
         out = t.run()

@@ -168,7 +168,8 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
     for field, v in [("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {"5": 101}),
                      ("logit_bias", {"x": 1}), ("logit_bias", {str(i): 1 for i in range(2000)}),
                      ("logit_bias", {"999999": 1}), ("min_tokens", -1), ("min_tokens", 10),
-                     ("stop_token_ids", [-1]), ("stop_token_ids", list(range(2000))), ("response_format", {"type": "json_object"}),
+                     ("stop_token_ids", [-1]), ("stop_token_ids", list(range(2000))), ("response_format", {"type": "xml"}),
+                     ("response_format", {"type": "json_schema", "json_schema": {"schema": {"enum": ["x" * 5000] * 20}}}),
                      ("tools", [{"type": "function"}]), ("suffix", "x")]:
         add(f"completions {field}={str(v)[:20]}", O, completion(**{field: v}))
     for name, prompt in [("empty list", []), ("nested lists", [[1, 2]]), ("negative id", [-1]),

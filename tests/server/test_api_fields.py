@@ -28,10 +28,10 @@ GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("suffix", "end"), ("top_logprobs", 3)])
 def test_unimplemented_or_inconsistent_fields_are_refused_by_name(srv, client, field, value):
-    create = client.chat.completions.create if field in ("response_format", "tools", "top_logprobs") \
+    create = client.chat.completions.create if field in ("tools", "top_logprobs") \
         else client.completions.create
     kw = {"messages": [{"role": "user", "content": "hi"}]} if create == client.chat.completions.create \
         else {"prompt": "hi"}
@@ -245,7 +245,7 @@ def test_huggingface_hub_inference_client(srv, monkeypatch):
 
 
 @pytest.mark.parametrize("param,value", [("decoder_input_details", True), ("typical_p", 0.5), ("watermark", True),
-                                         ("grammar", {"type": "json", "value": {}}), ("best_of", 2),
+                                         ("grammar", {"type": "regex", "value": "a+"}), ("best_of", 2),
                                          ("no_such_parameter", 1)])
 def test_tgi_parameters_not_implemented_are_refused_by_name(srv, param, value):
     r = httpx.post(srv.url + "/generate", json={"inputs": "x", "parameters": {param: value}})
