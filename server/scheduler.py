@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from engine.sampling import SamplingParams
 from engine.steps import Sequence, decode, prefill
+from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
 
@@ -51,6 +52,7 @@ class Request:
     cancelled: bool = False
     seq: Sequence | None = None
     handle: object = None
+    admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
 
@@ -210,6 +212,7 @@ class Scheduler:
                     continue  # still loading or no free slot: later requests may go ahead
             r.handle = handle
             r.seq = self.engine.new_sequence(r.prompt_ids, r.params, handle)
+            r.admitted = time.perf_counter()
             self.engine.admit(r.seq)
             self._drop_waiting(r)
             admitted.append(r)
@@ -256,6 +259,7 @@ class Scheduler:
         self._count(r, outcome)
 
     def _count(self, r: Request, outcome: str) -> None:
+        log_request(r, outcome)
         if self.metrics:
             self.metrics.requests.labels(outcome=outcome, adapter_type=r.adapter_type).inc()
 
