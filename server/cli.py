@@ -37,7 +37,11 @@ def parse_args(argv=None):
     ap.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
     ap.add_argument("--stats-interval", metavar="S", type=number(float, 0), default=10,
                     help="seconds between stats lines while busy (0: none)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.api_keys is None and not _loopback(args.host):  # build() checks it too, for its other callers
+        ap.error(f"without --api-keys the server is single-tenant and listens on loopback only; "
+                 f"{args.host} is not a loopback address")
+    return args
 
 
 def build(args, scheduler_thread: bool = True):

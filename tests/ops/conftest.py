@@ -24,6 +24,10 @@ class Served:
     adapter_id: str
 
 
+def finished(output: str) -> int:
+    return sum(json.loads(x).get("finished", 0) for x in output.splitlines() if '"msg": "stats"' in x)
+
+
 @pytest.fixture(scope="package")
 def served(tiny_dir, tmp_path_factory):
     from engine.engine import Engine
@@ -42,8 +46,8 @@ def served(tiny_dir, tmp_path_factory):
                              "max_tokens": 9, "ignore_eos": True})
         assert r.status_code == 200, r.text
         text = httpx.get(s.url + "/metrics").text
-        deadline = time.monotonic() + 10  # the stats line of the interval that saw the requests
-        while '"msg": "stats"' not in s.output() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # until a stats line has counted both requests
+        while finished(s.output()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert s.terminate() == 0
         return Served(s.output().splitlines(), text, s.port, "my-lora")

@@ -96,6 +96,7 @@ BAD = [  # command, arguments beyond the required ones, words the one line must 
     ("qaa-serve", ["--log-format", "xml"], ["--log-format", "xml", "json"]),
     ("qaa-serve", ["--max-upload-mb", "nan"], ["--max-upload-mb", "finite"]),
     ("qaa-serve", ["--stats-interval", "-1"], ["--stats-interval"]),
+    ("qaa-serve", ["--host", "0.0.0.0"], ["--api-keys", "loopback", "0.0.0.0"]),
     ("qaa-generate", ["--max-new-tokens", "many"], ["--max-new-tokens", "'many'"]),
     ("qaa-train", ["--method", "bitfit"], ["unknown method 'bitfit'", "qaa"]),
     ("qaa-train", ["--qaa-rotation", "RZ"], ["--qaa-rotation", "RY"]),
