@@ -63,8 +63,8 @@ USER 10001:10001
 WORKDIR /data
 EXPOSE 8000
 VOLUME /data
-# Ready = /health answers 200: uvicorn accepts only after the model is loaded, and stops
-# accepting when a drain starts.
+# Ready = /health answers 200: uvicorn accepts only after the model is loaded; /health is 503
+# while the server drains or when its scheduler has stalled (--stall-seconds).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
 # SIGTERM drains: stop accepting, finish running requests for up to --drain-seconds (30),

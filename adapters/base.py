@@ -84,6 +84,20 @@ class Adapter:
         return sum(t.numel() for t in self.tensors.values())
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What one adapter may demand of a server. Every adapter is checked against it where it
+    enters (an upload, a read from the store) and the slot banks are sized by it, so no
+    adapter can make loading or serving it cost more than the operator allowed."""
+
+    max_rank: int = 64
+    """Largest LoRA/SoRA rank of any module (the LoRA bank's width)."""
+    max_circuit_layers: int = 64
+    """Deepest QAA circuit (L); compiling a circuit costs L * 2^n per module."""
+    max_virtual_tokens: int = 128
+    """Most prefix-tuning virtual tokens (the prefix bank's width; must leave room in the context)."""
+
+
 def config_from_dict(cls, d: dict, ignore_if_default: dict | None = None):
     """Build a config dataclass from JSON: unknown fields and wrong types are errors.
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters.base import Adapter, AdapterError, BaseShape
+from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 from adapters.registry import get_type, type_for_peft
 
 CONFIG_NAME = "adapter_config.json"
@@ -29,8 +29,8 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 def parse_config(data: bytes) -> tuple[str, object]:
     """Bytes of adapter_config.json -> (kind, validated config)."""
     try:
-        d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        d = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise AdapterError(f"{CONFIG_NAME} must be a JSON object")
@@ -38,6 +38,10 @@ def parse_config(data: bytes) -> tuple[str, object]:
         raise AdapterError(f"{CONFIG_NAME} has no peft_type")
     t = type_for_peft(d["peft_type"])
     return t.kind, t.parse_config({k: v for k, v in d.items() if k != "peft_type"})
+
+
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a number JSON allows", name, 0)
 
 
 def parse_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -71,13 +75,18 @@ def validate(kind: str, cfg, tensors: dict[str, torch.Tensor], shape: BaseShape)
     return Adapter(kind, cfg, dict(tensors), shape)
 
 
-def load_bytes(config: bytes, weights: bytes, shape: BaseShape) -> Adapter:
-    """Validate an adapter given as the bytes of its two files (an upload)."""
+def load_bytes(config: bytes, weights: bytes, shape: BaseShape, cap: Capacity | None = None) -> Adapter:
+    """Validate an adapter given as the bytes of its two files (an upload). With `cap`, what
+    it demands is checked against a server's capacity before its tensors are read."""
     kind, cfg = parse_config(config)
+    if cap is not None:
+        t = get_type(kind)
+        t.check_config(cfg, shape)
+        t.check_capacity(cfg, shape, cap)
     return validate(kind, cfg, parse_tensors(weights), shape)
 
 
-def load_dir(path: str | os.PathLike, shape: BaseShape) -> Adapter:
+def load_dir(path: str | os.PathLike, shape: BaseShape, cap: Capacity | None = None) -> Adapter:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter path {path} is not a directory")
@@ -88,7 +97,7 @@ def load_dir(path: str | os.PathLike, shape: BaseShape) -> Adapter:
         if pickles:
             raise AdapterError(f"{path} holds {pickles[0]} (pickle): only {WEIGHTS_NAME} is accepted")
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}")
-    return load_bytes((path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), shape)
+    return load_bytes((path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), shape, cap)
 
 
 def to_bytes(ad: Adapter) -> tuple[bytes, bytes]:

@@ -8,18 +8,26 @@ lora_alpha / r (or / sqrt(r) with use_rslora); rank_pattern / alpha_pattern over
 from __future__ import annotations
 
 import math
-import re
+import time
 from dataclasses import asdict, dataclass, field
 
+import regex
 import torch
 
 from adapters import cpu_kernels
 from adapters.base import (
-    PROJECTIONS, Adapter, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, module_path,
+    PROJECTIONS, Adapter, AdapterError, BaseShape, Capacity, check_positive_int, config_from_dict, layers_of,
+    module_path,
 )
 from adapters.registry import AdapterType, register
 
 ANY = object()
+# Module patterns are tenants' regexes run against the model's module names: bounded in size,
+# and matched with the `regex` module's timeout (it releases the GIL while matching), so a
+# catastrophically backtracking pattern is refused instead of stalling the server.
+MAX_PATTERN_CHARS = 512
+MAX_PATTERNS = 4096
+PATTERN_SECONDS = 0.25
 # PEFT LoraConfig fields we accept only at their defaults (a non-default asks for a feature we lack).
 PEFT_LORA_DEFAULTS = {
     "exclude_modules": None, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
@@ -68,14 +76,52 @@ class LoraConfig:
 
     def __post_init__(self):
         check_positive_int("r", self.r)
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not 0 < self.lora_alpha < math.inf:
             raise AdapterError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if self.task_type not in (None, "CAUSAL_LM"):
             raise AdapterError(f"task_type {self.task_type!r} is not served (only CAUSAL_LM)")
+        tm = self.target_modules
+        if isinstance(tm, (list, tuple, set)):
+            _check_names("target_modules", tm)
+            self.target_modules = sorted(tm)
+        elif not (tm is None or isinstance(tm, str)):
+            raise AdapterError(f"target_modules must be a list of module names or one regex, got {type(tm).__name__}")
+        elif isinstance(tm, str):
+            _check_names("target_modules", [tm])
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise AdapterError(f"{name} must be an object of pattern -> value")
+            _check_names(name, patterns)
         for k, v in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{k!r}]", v)
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = sorted(self.target_modules)
+        for k, v in self.alpha_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise AdapterError(f"alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+
+
+def _check_names(field_name: str, names) -> None:
+    if len(names) > MAX_PATTERNS:
+        raise AdapterError(f"{field_name} has {len(names)} entries; at most {MAX_PATTERNS} are accepted")
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise AdapterError(f"{field_name} entries must be non-empty strings, got {n!r}")
+        if len(n) > MAX_PATTERN_CHARS:
+            raise AdapterError(f"{field_name} entry of {len(n)} characters is longer than {MAX_PATTERN_CHARS}")
+
+
+def _fullmatch(pattern: str, key: str, deadline: float, field_name: str) -> bool:
+    """regex.fullmatch within what is left of one config's matching budget."""
+    left = deadline - time.monotonic()
+    try:
+        if left <= 0:
+            raise TimeoutError
+        return regex.fullmatch(pattern, key, timeout=left) is not None
+    except TimeoutError:
+        raise AdapterError(f"{field_name} pattern {pattern[:80]!r} takes too long to match the model's module "
+                           f"names (over {PATTERN_SECONDS} s)") from None
+    except regex.error as e:
+        raise AdapterError(f"{field_name} pattern {pattern[:80]!r} is not a valid regular expression: {e}") from None
 
 
 def parse_lora_like(cls, d: dict):
@@ -84,9 +130,9 @@ def parse_lora_like(cls, d: dict):
     return config_from_dict(cls, d, ignore_if_default=defaults)
 
 
-def _pattern(patterns: dict, key: str):
+def _pattern(patterns: dict, key: str, deadline: float, field_name: str):
     for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
+        if _fullmatch(rf"(?:.*\.)?(?:{p})", key, deadline, field_name):
             return patterns[p]
     return None
 
@@ -100,19 +146,20 @@ def targets(cfg, shape: BaseShape) -> dict[tuple[int, str], tuple[int, float]]:
         tm = [tm] if tm in PROJECTIONS else tm
     used = set()
     out = {}
+    deadline = time.monotonic() + PATTERN_SECONDS
     for layer in layers_of(cfg.layers_to_transform, shape):
         for proj in PROJECTIONS:
             key = module_path(layer, proj).removeprefix("base_model.model.")
             if isinstance(tm, str):
-                hit = re.fullmatch(tm, key)
+                hit = _fullmatch(tm, key, deadline, "target_modules")
             else:  # PEFT: a list entry names a module exactly or by a dotted suffix
                 hits = [t for t in tm if key == t or key.endswith("." + t)]
                 used.update(hits)
                 hit = bool(hits)
             if not hit:
                 continue
-            r = _pattern(cfg.rank_pattern, key) or cfg.r
-            alpha = _pattern(cfg.alpha_pattern, key) or cfg.lora_alpha
+            r = _pattern(cfg.rank_pattern, key, deadline, "rank_pattern") or cfg.r
+            alpha = _pattern(cfg.alpha_pattern, key, deadline, "alpha_pattern") or cfg.lora_alpha
             out[(layer, proj)] = (r, alpha / math.sqrt(r) if cfg.use_rslora else alpha / r)
     unused = [t for t in tm if t not in used] if not isinstance(tm, str) else []
     if unused and cfg.layers_to_transform is None:
@@ -182,8 +229,13 @@ class LoraType(AdapterType):
         """{(layer, proj): (A, B*scale)}: what a LoRA bank slot holds."""
         return {key: self.factors(ad, *key) for key in scales_of(ad)}
 
-    def make_bank(self, shape, max_slots, device, dtype):
-        return LoraBank(shape, max_slots, device, dtype)
+    def check_capacity(self, cfg, shape, cap: Capacity):
+        r = max(r for r, _ in targets(cfg, shape).values())
+        if r > cap.max_rank:
+            raise AdapterError(f"rank {r} exceeds this server's max LoRA rank {cap.max_rank}")
+
+    def make_bank(self, shape, max_slots, device, dtype, cap: Capacity):
+        return LoraBank(shape, max_slots, device, dtype, cap.max_rank)
 
 
 class LoraBank:

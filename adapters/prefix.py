@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from adapters.base import AdapterError, BaseShape, check_positive_int, config_from_dict
+from adapters.base import AdapterError, BaseShape, Capacity, check_positive_int, config_from_dict
 from adapters.registry import AdapterType, register
 
 KEY = "prompt_embeddings"
@@ -119,8 +119,13 @@ class PrefixType(AdapterType):
     def compiled(self, ad):
         return layer_kv(ad.tensors[KEY], ad.shape)
 
-    def make_bank(self, shape, max_slots, device, dtype):
-        return PrefixBank(shape, max_slots, device, dtype)
+    def check_capacity(self, cfg, shape, cap: Capacity):
+        if cfg.num_virtual_tokens > cap.max_virtual_tokens:
+            raise AdapterError(f"num_virtual_tokens {cfg.num_virtual_tokens} exceeds this server's limit "
+                               f"{cap.max_virtual_tokens} (prefix positions must leave room for the prompt)")
+
+    def make_bank(self, shape, max_slots, device, dtype, cap: Capacity):
+        return PrefixBank(shape, max_slots, device, dtype, cap.max_virtual_tokens)
 
 
 class PrefixBank:

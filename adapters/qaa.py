@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from adapters import cpu_kernels
-from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, check_positive_int, config_from_dict, layers_of, n_qubits
+from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, Capacity, check_positive_int, config_from_dict, layers_of, n_qubits
 from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
 from adapters.registry import AdapterType, register
 
@@ -135,7 +135,11 @@ class QAAType(AdapterType):
             out[(layer, w)] = (*circuit, up, b)
         return out, (cfg.rotation, cfg.circuit_layers)
 
-    def make_bank(self, shape, max_slots, device, dtype):
+    def check_capacity(self, cfg, shape, cap: Capacity):
+        if cfg.circuit_layers > cap.max_circuit_layers:
+            raise AdapterError(f"circuit_layers {cfg.circuit_layers} exceeds this server's limit {cap.max_circuit_layers}")
+
+    def make_bank(self, shape, max_slots, device, dtype, cap: Capacity):
         return QAABank(shape, max_slots, device)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.base import Adapter, AdapterError, BaseShape
+from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 
 REGISTRY: dict[str, "AdapterType"] = {}
 
@@ -60,13 +60,17 @@ class AdapterType:
     def prefix(self, ad: Adapter, layer: int, batch: int):
         return None
 
+    def check_capacity(self, cfg, shape: BaseShape, cap: Capacity) -> None:
+        """Raise AdapterError when the adapter demands more than `cap` allows (checked before
+        its tensors are read, so a resource bomb costs nothing to refuse)."""
+
     def virtual_tokens(self, cfg) -> int:
         """Cache positions the adapter occupies before the prompt (prefix tuning)."""
         return 0
 
     # --- serving ------------------------------------------------------------------------
-    def make_bank(self, shape: BaseShape, max_slots: int, device, dtype):
-        """A slot bank for this type: see the Bank classes' docstrings."""
+    def make_bank(self, shape: BaseShape, max_slots: int, device, dtype, cap: Capacity):
+        """A slot bank for this type, sized by `cap`: see the Bank classes' docstrings."""
         raise NotImplementedError
 
 

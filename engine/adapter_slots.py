@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.base import Adapter, AdapterError
+from adapters.base import Adapter, AdapterError, Capacity
 from adapters.files import load_dir
 from adapters.registry import get_type
 from adapters.seams import BatchSeams
@@ -29,8 +29,9 @@ class Handle:
 
 
 class AdapterSlots:
-    def __init__(self, shape, max_adapters: int, device, dtype):
+    def __init__(self, shape, max_adapters: int, device, dtype, capacity: Capacity | None = None):
         self.shape, self.max_adapters, self.device, self.dtype = shape, max_adapters, device, dtype
+        self.capacity = capacity or Capacity()
         self.banks: dict = {}
         self.free: dict[str, list[int]] = {}
         self.handles: dict[str, Handle] = {}
@@ -47,7 +48,8 @@ class AdapterSlots:
         b = self.bank_of(kind)
         if b not in self.banks:
             # slot 0 means "no adapter", so a bank has max_adapters + 1 slots
-            self.banks[b] = get_type(b).make_bank(self.shape, self.max_adapters + 1, self.device, self.dtype)
+            self.banks[b] = get_type(b).make_bank(self.shape, self.max_adapters + 1, self.device, self.dtype,
+                                                          self.capacity)
             self.free[b] = list(range(self.max_adapters, 0, -1))
         return self.banks[b]
 
@@ -57,7 +59,7 @@ class AdapterSlots:
         Everything that can fail happens before the slot is touched, so a refused adapter
         leaves the banks as they were. Re-loading a name replaces it.
         """
-        ad = source if isinstance(source, Adapter) else load_dir(source, self.shape)
+        ad = source if isinstance(source, Adapter) else load_dir(source, self.shape, self.capacity)
         t = get_type(ad.kind)
         compiled = _to_device(t.compiled(ad), self.device)
         bank, b = self._bank(ad.kind), t.bank_kind

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from adapters.base import Capacity
 from engine.adapter_slots import AdapterSlots, Handle
 from engine.errors import InputError, QaaError
 from engine.kv_cache import KVCache
@@ -51,7 +52,8 @@ class Engine:
     """Owns the frozen model on one device, its tokenizer and a slot KV cache."""
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                 max_batch: int = 8, max_seq_len: int | None = None, max_adapters: int = 8):
+                 max_batch: int = 8, max_seq_len: int | None = None, max_adapters: int = 8,
+                 capacity: Capacity | None = None):
         t0 = time.perf_counter()
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -62,7 +64,14 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
         self.shape = self.cfg.shape()
-        self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype)
+        # Text longer than this cannot fit in the context whatever its tokens (x4: Unicode
+        # normalisation may fold several characters into one), so it is refused before the
+        # tokenizer spends time on it.
+        self.max_prompt_chars = 4 * self.max_seq_len * self.tokenizer.max_token_chars
+        cap = capacity or Capacity()
+        # a prefix must leave room for at least one prompt token and one generated token
+        self.capacity = replace(cap, max_virtual_tokens=max(1, min(cap.max_virtual_tokens, self.max_seq_len - 2)))
+        self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype, self.capacity)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -83,11 +92,11 @@ class Engine:
         elif chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             for m in messages:
-                check_prompt_text(m.get("content", "") if isinstance(m, dict) else "")
+                check_prompt_text(m.get("content", "") if isinstance(m, dict) else "", self.max_prompt_chars)
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
-            check_prompt_text(prompt)
+            check_prompt_text(prompt, self.max_prompt_chars)
             ids = self.tokenizer.encode(prompt)
         if len(ids) >= self.max_seq_len:
             raise InputError(f"prompt has {len(ids)} tokens; the context holds at most {self.max_seq_len - 1} prompt tokens")
@@ -158,11 +167,13 @@ class Engine:
         return self.adapters.seams_for([s.adapter for s in seqs], self.device)
 
 
-def check_prompt_text(text) -> None:
+def check_prompt_text(text, max_chars: int | None = None) -> None:
     if not isinstance(text, str):
         raise InputError("prompt must be text")
     if not text:
         raise InputError("prompt is empty")
+    if max_chars is not None and len(text) > max_chars:
+        raise InputError(f"prompt has {len(text)} characters; no text over {max_chars} fits in the context")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -32,7 +32,9 @@ class Sequence:
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    """None while running; then 'stop' (EOS or stop string), 'length' or 'cancelled'."""
+    """None while running; then 'stop' (EOS or stop string), 'length', 'cancelled' or 'error'."""
+    error: Exception | None = None
+    """What ended the sequence when finish_reason is 'error'."""
     adapter: object = None
     """The adapter's Handle (name, kind, slot), or None for the base model."""
 
@@ -99,7 +101,17 @@ def _rows(seqs, device):
 
 def _sample_into(seqs, logits) -> list[str]:
     toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs])
-    return [s.append(t) for s, t in zip(seqs, toks.tolist())]
+    # Up to here nothing of a sequence changed, so a failed step can be re-run row by row. A
+    # row's own bookkeeping (stop strings, detokenizing) failing ends that row alone.
+    return [_append(s, t) for s, t in zip(seqs, toks.tolist())]
+
+
+def _append(s: Sequence, token: int) -> str:
+    try:
+        return s.append(token)
+    except Exception as e:
+        s.error, s.finish_reason = e, "error"
+        return ""
 
 
 @torch.inference_mode()

@@ -40,6 +40,9 @@ class Tokenizer:
         self.eos_ids = frozenset(eos)
         self.bos_id = self.tk.token_to_id(self.bos_token) if self.bos_token else None
         self.vocab_size = self.tk.get_vocab_size()
+        # no token stands for more characters than its longest vocabulary entry (byte-level
+        # BPE: one character per byte), which bounds the text that can fit in a context
+        self.max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids

@@ -33,6 +33,19 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--drain-seconds", metavar="S", type=number(float, 0), default=30,
                     help="on SIGTERM, how long running requests may finish")
+    # what one tenant's request or adapter may demand (see README: Limits)
+    ap.add_argument("--max-request-bytes", metavar="N", type=number(int, 1), default=2_000_000,
+                    help="largest JSON request body (413 above)")
+    ap.add_argument("--max-stop", metavar="N", type=number(int, 0), default=16, help="most stop strings per request")
+    ap.add_argument("--max-stop-chars", metavar="N", type=number(int, 1), default=256, help="longest stop string")
+    ap.add_argument("--max-lora-rank", metavar="R", type=number(int, 1), default=64,
+                    help="largest LoRA/SoRA rank an adapter may have")
+    ap.add_argument("--max-circuit-layers", metavar="L", type=number(int, 1), default=64,
+                    help="deepest QAA circuit an adapter may have")
+    ap.add_argument("--max-prefix-tokens", metavar="N", type=number(int, 1), default=128,
+                    help="most prefix-tuning virtual tokens (also bounded by --max-seq-len - 2)")
+    ap.add_argument("--stall-seconds", metavar="S", type=number(float, 0.001), default=60,
+                    help="/health answers 503 when the scheduler has made no progress this long with work pending")
     ap.add_argument("--log-level", choices=LEVELS, default="info", help="lowest level logged (uvicorn's too)")
     ap.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
     ap.add_argument("--stats-interval", metavar="S", type=number(float, 0), default=10,
@@ -49,9 +62,11 @@ def build(args, scheduler_thread: bool = True):
 
     scheduler_thread=True starts the scheduler on a thread when the app starts; False leaves
     it to the caller to run on the main thread (what `qaa-serve` does)."""
+    from adapters.base import Capacity
     from engine.engine import Engine
     from server.app import ServerState, create_app
     from server.auth import Auth
+    from server.limits import Limits
     from server.metrics import Metrics
     from server.residency import Residency
     from server.scheduler import Scheduler
@@ -61,12 +76,17 @@ def build(args, scheduler_thread: bool = True):
     if not auth.enabled and not _loopback(args.host):
         raise SystemExit(f"qaa-serve: error: without --api-keys the server is single-tenant and listens on loopback "
                          f"only; {args.host} is not a loopback address")
+    capacity = Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
+                        max_virtual_tokens=args.max_prefix_tokens)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
-                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters)
+                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    max_new_tokens=min(args.max_new_tokens, engine.max_seq_len - 1), max_stop=args.max_stop,
+                    max_stop_chars=args.max_stop_chars)
     metrics = Metrics()
-    store = Store(args.adapter_dir, engine.shape, max_bytes=int(args.max_upload_mb * 2**20))
+    store = Store(args.adapter_dir, engine.shape, max_bytes=limits.max_upload_bytes, capacity=engine.capacity)
     residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
-    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics)
+    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics, args.stall_seconds)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -76,8 +96,7 @@ def build(args, scheduler_thread: bool = True):
         # uvicorn has stopped accepting and waited for open responses; finish what is left
         await asyncio.to_thread(scheduler.stop, args.drain_seconds)
 
-    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name,
-                        min(args.max_new_tokens, engine.max_seq_len - 1))
+    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits)
     return create_app(state, lifespan=lifespan)
 
 
@@ -143,12 +162,15 @@ def _url_host(host: str) -> str:
 def serve(app, args, sock=None) -> int:
     """uvicorn's event loop on a thread, the scheduler (the model) on the main thread.
 
-    SIGTERM/SIGINT start a graceful shutdown: stop accepting, let open responses finish,
-    drain the scheduler (bounded by --drain-seconds), exit 0. A second signal forces exit.
+    SIGTERM/SIGINT drain: the server takes no new requests (503, /health 503), running and
+    queued ones may finish until --drain-seconds, then every one still open ends with a final
+    event saying the server shut down, the listener closes and the process exits 0. A second
+    signal ends the drain at once.
     """
     import contextlib
     import signal
     import threading
+    import time
 
     import uvicorn
 
@@ -157,11 +179,26 @@ def serve(app, args, sock=None) -> int:
         def capture_signals(self):  # signals belong to the main thread, see below
             yield
 
-    server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                                           timeout_graceful_shutdown=int(args.drain_seconds) + 5))
+    # open responses have had their final events by the time uvicorn is told to exit
+    server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           log_config=None, timeout_graceful_shutdown=2))
     scheduler = app.state.s.scheduler
+
+    def close_when_drained():
+        deadline = time.monotonic() + args.drain_seconds + 1
+        while not scheduler.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.should_exit = True
+
+    def on_signal(signum, frame):
+        if scheduler.draining:
+            scheduler.begin_drain(0)
+            return
+        scheduler.begin_drain(args.drain_seconds)
+        threading.Thread(target=close_when_drained, name="drain", daemon=True).start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, on_signal)
 
     def http():
         try:

@@ -113,6 +113,11 @@ def kernel_state(device, dtype) -> str:
     return f"{how} {path}"
 
 
+LIMIT_OPTIONS = ("max_request_bytes", "max_stop", "max_stop_chars", "max_lora_rank", "max_circuit_layers",
+                 "max_prefix_tokens", "stall_seconds")
+"""qaa-serve's per-tenant limits, logged as given."""
+
+
 def startup_summary(state, args, listen: str) -> dict:
     """The fields of the startup line (state: server.app.ServerState; args: qaa-serve's)."""
     e = state.engine
@@ -125,6 +130,7 @@ def startup_summary(state, args, listen: str) -> dict:
         "max_running": state.scheduler.max_running, "max_waiting": state.scheduler.max_waiting,
         "max_seq_len": e.max_seq_len, "max_new_tokens": state.max_new_tokens,
         "max_upload_mb": args.max_upload_mb, "drain_seconds": args.drain_seconds,
+        **{k: getattr(args, k) for k in LIMIT_OPTIONS if hasattr(args, k)},
         "kernels": kernel_state(e.device, e.dtype), "listen": listen,
         "auth": f"on ({len(auth.keys)} keys)" if auth.enabled else "off (single tenant, loopback only)",
         "load_seconds": round(getattr(e, "load_seconds", 0.0), 2),

@@ -12,7 +12,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADAPTER_TYPES = ("base", "qaa", "lora", "sora", "prefix")
-OUTCOMES = ("stop", "length", "cancelled", "error")
+OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
+"""'rejected': refused before it was queued (429 queue full, 503 shutting down)."""
 
 
 class Metrics:
@@ -37,6 +38,7 @@ class Metrics:
         self.generation_tokens = Counter("qaa_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("qaa_requests", "Finished requests", ["outcome", "adapter_type"], registry=r)
         self.adapters_resident = Gauge("qaa_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self.adapters_pinned = Gauge("qaa_adapter_pins", "Adapter pins held by running requests", registry=r)
         for tier in ("device", "host"):  # every tier's series exists from the start, at zero
             self.adapter_hits.labels(tier=tier)
             self.adapter_misses.labels(tier=tier)

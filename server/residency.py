@@ -36,6 +36,9 @@ class Residency:
         self.fresh: set[tuple] = set()  # read from disk, not yet loaded into the device
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self.wake = lambda: None  # the scheduler sets this: a finished read should be picked up
+        self.faults = None
+        """Tests only: fault(stage, entry) is called before a disk read ('read') and a device
+        load ('load') and may raise to stand for a failure there."""
 
     def acquire(self, entry: Entry) -> Handle | None:
         """A pinned device handle for this stored version, or None while it is not ready
@@ -58,6 +61,8 @@ class Residency:
         if not self._make_room(ad.kind):
             return None
         t0 = time.perf_counter()
+        if self.faults is not None:
+            self.faults("load", entry)
         h = self.engine.adapters.load(slot_name(key), ad)
         self._observe_load("device", time.perf_counter() - t0)
         self._count("device", hit=False)
@@ -126,6 +131,8 @@ class Residency:
 
     def _read(self, entry: Entry):
         t0 = time.perf_counter()
+        if self.faults is not None:
+            self.faults("read", entry)
         ad = self.store.read(entry)
         return ad, time.perf_counter() - t0
 

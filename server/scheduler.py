@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -24,9 +25,15 @@ from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
 
+log = logging.getLogger("qaa_serve.scheduler")
+
 
 class QueueFull(Exception):
     pass
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests."""
 
 
 @dataclass
@@ -37,6 +44,9 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     message: str = ""
+    status: int = 500
+    """For 'error': the HTTP status that fits (422 the request's or adapter's fault, 503
+    shutting down, 500 the server's)."""
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Request:
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    released: bool = False
 
     @property
     def adapter_type(self) -> str:
@@ -65,15 +76,22 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, residency: Residency, max_running: int, max_waiting: int, metrics=None):
+    def __init__(self, engine, residency: Residency, max_running: int, max_waiting: int, metrics=None,
+                 stall_seconds: float = 60.0):
         self.engine, self.res, self.metrics = engine, residency, metrics
         self.max_running = min(max_running, engine.cache.n_slots)
         self.max_waiting = max_waiting
+        self.stall_seconds = stall_seconds
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cv = threading.Condition()
         self.stopping = False
         self.draining = False
+        self.drain_deadline: float | None = None
+        self.heartbeat = time.monotonic()  # the loop's last sign of life (see stalled)
+        self.faults = None
+        """Tests only: fault(stage, what) is called at 'admit', 'prefill' and 'decode' with the
+        requests about to run, and may raise to stand for a failure there."""
         self.tasks: deque = deque()  # callables the scheduler thread runs (it owns the banks)
         residency.wake = self.wake
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -89,11 +107,11 @@ class Scheduler:
         """Run the loop on the calling thread until stop()."""
         self._loop()
 
-    # --- called from the event loop ------------------------------------------------------
+    # --- called from other threads -------------------------------------------------------
     def submit(self, req: Request) -> None:
         with self.cv:
             if self.draining:
-                raise QueueFull("the server is shutting down")
+                raise Draining("the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
             self.waiting.append(req)
@@ -114,21 +132,31 @@ class Scheduler:
         with self.cv:
             self.cv.notify()
 
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        """Stop admitting; let running and queued requests finish for up to drain_seconds,
-        then cancel whatever is left and end the thread."""
+    def stalled(self) -> bool:
+        """Work is pending but the loop has not come round for stall_seconds (a step hangs)."""
+        with self.cv:
+            pending = bool(self.running or self.waiting or self.tasks)
+        return pending and time.monotonic() - self.heartbeat > self.stall_seconds
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.running and not self.waiting
+
+    def begin_drain(self, seconds: float) -> None:
+        """Stop taking requests; those already taken may finish until `seconds` from now, then
+        each still open ends with an error event saying the server shut down."""
         with self.cv:
             self.draining = True
+            deadline = time.monotonic() + max(0.0, seconds)
+            self.drain_deadline = min(self.drain_deadline or deadline, deadline)
             self.cv.notify()
-        deadline = time.monotonic() + drain_seconds
-        while time.monotonic() < deadline:
-            with self.cv:
-                if not self.running and not self.waiting:
-                    break
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Drain (see begin_drain), then end the loop."""
+        self.begin_drain(drain_seconds)
+        while time.monotonic() < self.drain_deadline + 2 and not self.idle():
             time.sleep(0.02)
         with self.cv:
-            for r in list(self.waiting) + self.running:
-                r.cancelled = True
             self.stopping = True
             self.cv.notify()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
@@ -138,31 +166,51 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self.stopping and not self.running and not self.tasks and not self._admissible():
+                while not (self.stopping or self.running or self.tasks or self._admissible() or self._drain_due()):
+                    self.heartbeat = time.monotonic()
                     self.cv.wait(timeout=0.5)
+                self.heartbeat = time.monotonic()
                 tasks, self.tasks = list(self.tasks), deque()
                 if self.stopping:
-                    for r in list(self.waiting) + self.running:
-                        self._finish(r, "cancelled")
-                    self.waiting.clear()
-                    self.running.clear()
+                    self._end_all(Event("error", message="the server is shutting down", status=503), "cancelled")
                     return
             for fn in tasks:
-                fn()
+                try:
+                    fn()
+                except Exception as e:  # a task is bookkeeping (publish, forget): never fatal
+                    log.exception("scheduler task failed: %s", e)
             try:
+                if self._drain_due():
+                    self._end_all(Event("error", status=503, message="the server is shutting down and its drain "
+                                        "deadline passed before this request finished"), "cancelled")
                 if not self._step():
                     with self.cv:  # waiting on an adapter read: the loader's wake ends this early
                         self.cv.wait(timeout=0.05)
-            except Exception as e:  # a failed forward fails the requests in it, not the server
+            except Exception as e:  # a fault outside any one request's work: fail what is running
+                log.exception("scheduler step failed")
                 for r in self.running:
-                    r.emit(Event("error", message=f"generation failed: {e}"))
-                    self._release(r, "error")
+                    self._fail(r, "step", e)
                 self.running = []
-            self._gauges()
+            try:
+                self._gauges()
+            except Exception:
+                log.exception("updating gauges failed")
 
     def _admissible(self) -> bool:
         # something waits and a slot is free (adapter readiness is checked in the step)
         return bool(self.waiting) and len(self.running) < self.max_running
+
+    def _drain_due(self) -> bool:
+        return (self.drain_deadline is not None and time.monotonic() >= self.drain_deadline
+                and bool(self.running or self.waiting))
+
+    def _end_all(self, ev: Event, outcome: str) -> None:
+        with self.cv:
+            reqs, self.running = list(self.waiting) + self.running, []
+            self.waiting.clear()
+        for r in reqs:
+            r.emit(ev)
+            self._release(r, outcome)
 
     def _step(self) -> bool:
         """One iteration; False when there was nothing to run."""
@@ -173,20 +221,47 @@ class Scheduler:
             self.engine.compact([r.seq for r in self.running])
             self.running.sort(key=lambda r: r.seq.slot)
         admitted = self._admit()
-        now = time.perf_counter()
+        if admitted and self.metrics:
+            now = time.perf_counter()
+            for r in admitted:
+                self.metrics.queue_time.labels(adapter_type=r.adapter_type).observe(now - r.arrived)
+                self.metrics.prompt_tokens.inc(len(r.prompt_ids))
         if admitted:
-            if self.metrics:
-                for r in admitted:
-                    self.metrics.queue_time.labels(adapter_type=r.adapter_type).observe(now - r.arrived)
-                    self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-            seqs = [r.seq for r in admitted]
-            self._deliver(admitted, prefill(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs)))
+            admitted = self._run("prefill", admitted, prefill)
         if self.running:
-            seqs = [r.seq for r in self.running]
-            self._deliver(self.running, decode(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs)))
+            self.running = self._run("decode", self.running, decode)
         ran = bool(admitted or self.running)
         self.running = [r for r in self.running + admitted if not r.seq.finished]
         return ran
+
+    def _run(self, stage: str, reqs: list[Request], step) -> list[Request]:
+        """One forward over `reqs`; the requests still in it afterwards.
+
+        A forward that raises has changed no sequence (engine.steps samples before it
+        appends), so it is run again one request at a time: a failure that one request
+        causes fails that request alone, and the others lose nothing but time."""
+        try:
+            self._forward(stage, reqs, step)
+            return reqs
+        except Exception as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], stage, e)
+                return []
+        alive = []
+        for r in reqs:
+            try:
+                self._forward(stage, [r], step)
+                alive.append(r)
+            except Exception as e:
+                self._fail(r, stage, e)
+        return alive
+
+    def _forward(self, stage: str, reqs: list[Request], step) -> None:
+        if self.faults is not None:
+            self.faults(stage, reqs)
+        seqs = [r.seq for r in reqs]
+        texts = step(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs))
+        self._deliver(reqs, texts)
 
     def _admit(self) -> list[Request]:
         admitted = []
@@ -199,21 +274,23 @@ class Scheduler:
                 self._drop_waiting(r)
                 self._finish(r, "cancelled")
                 continue
-            handle = None
-            if r.entry is not None:
-                err = self.res.take_failure(r.entry.key)
-                if err is not None:
-                    self._drop_waiting(r)
-                    r.emit(Event("error", message=f"adapter could not be loaded: {err}"))
-                    self._count(r, "error")
-                    continue
-                handle = self.res.acquire(r.entry)
-                if handle is None:
-                    continue  # still loading or no free slot: later requests may go ahead
-            r.handle = handle
-            r.seq = self.engine.new_sequence(r.prompt_ids, r.params, handle)
-            r.admitted = time.perf_counter()
-            self.engine.admit(r.seq)
+            try:
+                if r.entry is not None:
+                    err = self.res.take_failure(r.entry.key)
+                    if err is not None:
+                        raise err
+                    r.handle = self.res.acquire(r.entry)
+                    if r.handle is None:
+                        continue  # still loading or no free slot: later requests may go ahead
+                if self.faults is not None:
+                    self.faults("admit", [r])
+                r.seq = self.engine.new_sequence(r.prompt_ids, r.params, r.handle)
+                r.admitted = time.perf_counter()
+                self.engine.admit(r.seq)
+            except Exception as e:
+                self._drop_waiting(r)
+                self._fail(r, "admission" if r.entry is None or r.handle is not None else "adapter load", e)
+                continue
             self._drop_waiting(r)
             admitted.append(r)
         return admitted
@@ -228,6 +305,9 @@ class Scheduler:
     def _deliver(self, reqs: list[Request], texts: list[str]) -> None:
         now = time.perf_counter()
         for r, text in zip(reqs, texts):
+            if r.seq.error is not None:
+                self._fail(r, "generation", r.seq.error)
+                continue
             tok = r.seq.out_ids[-1]
             if self.metrics:
                 self.metrics.generation_tokens.inc()
@@ -247,15 +327,29 @@ class Scheduler:
         r.emit(Event("done", finish_reason=reason))
         self._release(r, reason)
 
+    def _fail(self, r: Request, stage: str, e: Exception) -> None:
+        """End one request with an error event that names what failed; free what it holds."""
+        if r.seq is not None and r.seq.finish_reason is None:
+            r.seq.finish_reason = "error"
+        bad_input = isinstance(e, ValueError)  # QaaError, AdapterError: the request's or adapter's fault
+        if not bad_input:
+            log.warning("request %s failed in %s: %r", r.id, stage, e)
+        r.emit(Event("error", message=f"{stage} failed: {e}", status=422 if bad_input else 500))
+        self._release(r, "error")
+
     def _release(self, r: Request, outcome: str) -> None:
+        """Free a request's KV slot and adapter pin and count its outcome, exactly once."""
+        if r.released:
+            return
+        r.released = True
         if r.seq is not None and r.seq.slot >= 0:
             self.engine.cache.free(r.seq.slot)
             r.seq.slot = -1
-            if r.handle is not None:
-                self.res.release(r.handle, r.entry.key)
-                r.handle = None
-            if self.metrics and r.first_token is not None:
-                self.metrics.e2e.labels(adapter_type=r.adapter_type).observe(time.perf_counter() - r.arrived)
+        if r.handle is not None:
+            self.res.release(r.handle, r.entry.key)
+            r.handle = None
+        if self.metrics and r.first_token is not None:
+            self.metrics.e2e.labels(adapter_type=r.adapter_type).observe(time.perf_counter() - r.arrived)
         self._count(r, outcome)
 
     def _count(self, r: Request, outcome: str) -> None:
@@ -270,3 +364,4 @@ class Scheduler:
             self.metrics.kv_usage.set(self.engine.cache.usage())
             self.metrics.adapters_resident.labels(tier="device").set(len(self.res.device))
             self.metrics.adapters_resident.labels(tier="host").set(len(self.res.host))
+            self.metrics.adapters_pinned.set(sum(self.res.pins.values()))

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.base import Adapter, AdapterError, BaseShape
+from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
 from adapters.threads import serial
@@ -54,8 +54,12 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike, shape: BaseShape, max_bytes: int = 512 * 2**20):
+    def __init__(self, root: str | os.PathLike, shape: BaseShape, max_bytes: int = 512 * 2**20,
+                 capacity: Capacity | None = None):
         self.root, self.shape, self.max_bytes = Path(root), shape, max_bytes
+        self.capacity = capacity or Capacity()
+        """What an adapter may demand; checked on upload and again on every read, so an
+        adapter stored under looser limits fails its own requests, not the server."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], Entry] = {}
@@ -102,7 +106,7 @@ class Store:
         """Load and validate one stored version (host memory, CPU tensors). Called from a
         loader thread, so its torch ops run serially (see adapters.threads)."""
         with serial():
-            return load_dir(self.root / e.tenant / e.adapter_id / f"v{e.version}", self.shape)
+            return load_dir(self.root / e.tenant / e.adapter_id / f"v{e.version}", self.shape, self.capacity)
 
     # --- writes ------------------------------------------------------------------------
     def put(self, tenant: str, adapter_id: str, config: bytes, weights: bytes) -> tuple[Entry, Adapter]:
@@ -113,7 +117,7 @@ class Store:
         if len(config) + len(weights) > self.max_bytes:
             raise AdapterError(f"upload is {len(config) + len(weights)} bytes; the limit is {self.max_bytes}")
         with serial():
-            ad = load_bytes(config, weights, self.shape)  # raises before anything touches the disk
+            ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
         with self._lock:
             adir = self.root / tenant / adapter_id
             adir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,8 @@ def test_queue_full_gives_429_with_retry_after(tiny_dir, tmp_path):
         assert codes.count(200) >= 3 and 429 in codes and set(codes) <= {200, 429}
         busy = next(r for r in rs if r.status_code == 429)
         assert busy.headers["retry-after"] == "1" and busy.json()["error_type"] == "overloaded"
+        # every refusal is counted as an outcome
+        assert metrics(s.url)['qaa_requests_total{"adapter_type": "base", "outcome": "rejected"}'] == codes.count(429)
         assert generate(s.url, "after the flood", max_new_tokens=2).status_code == 200
 
 

@@ -12,6 +12,7 @@ import torch
 from adapters.files import to_bytes
 from adapters.prefix import PrefixConfig
 from engine.config import ModelConfig
+from adapters.base import Capacity
 from server.store import Store
 from tests.adapters.cases import Case, make
 from tests.tiny import write_tiny_model
@@ -28,7 +29,7 @@ def test_store_put_and_read_start_no_openmp_workers(tmp_path):
     ad = make(Case("big-prefix", "prefix", lambda: PrefixConfig(num_virtual_tokens=200)), shape)
     assert ad.tensors["prompt_embeddings"].numel() > 3 * 32768
     config, weights = to_bytes(ad)
-    store = Store(tmp_path / "store", shape)
+    store = Store(tmp_path / "store", shape, capacity=Capacity(max_virtual_tokens=200))
     seen = {}
 
     def web_worker():  # a fresh thread, as FastAPI's threadpool and the loader use
