@@ -22,13 +22,13 @@ from pathlib import Path
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 
-log = logging.getLogger("qaa.server")
-request_log = logging.getLogger("qaa.request")
-stats_log = logging.getLogger("qaa.stats")
+log = logging.getLogger("qaa_serve.server")
+request_log = logging.getLogger("qaa_serve.request")
+stats_log = logging.getLogger("qaa_serve.stats")
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-01-01T12:00:00.123Z INFO qaa.request request id=3 tenant=acme ...`"""
+    """`2026-01-01T12:00:00.123Z INFO qaa_serve.request request id=3 tenant=acme ...`"""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})

@@ -83,5 +83,5 @@ def test_text_lines_are_key_value(value, shown):
         root.setLevel(saved[1])
         logging.captureWarnings(False)
     line = buf.getvalue()
-    assert line.count("\n") == 1 and " INFO qaa.request request id=7 " in line
+    assert line.count("\n") == 1 and " INFO qaa_serve.request request id=7 " in line
     assert line.rstrip("\n").endswith(" " + shown), line
