@@ -122,7 +122,10 @@ def test_compose_prometheus_and_grafana_point_at_each_other(served):
     from server.auth import Auth
 
     assert Auth.from_file(DOCKER / "keys.example.json").enabled
-    assert int(q["stop_grace_period"].rstrip("s")) > 30 and q["stop_signal"] == "SIGTERM"  # > --drain-seconds
+    from server.cli import parse_args
+
+    drain = parse_args(q["command"]).drain_seconds  # the drain runs before the engine's kill
+    assert int(q["stop_grace_period"].rstrip("s")) > drain and q["stop_signal"] == "SIGTERM"
     # Prometheus scrapes qaa-serve's /metrics by service name and port
     prom = svc["prometheus"]
     mounts = dict(v.split(":")[:2] for v in prom["volumes"] if v.startswith("."))
