@@ -72,7 +72,10 @@ class Request:
         return self.entry.kind if self.entry is not None else "base"
 
     def emit(self, ev: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the event loop has closed: no one is left to tell
+            self.cancelled = True
 
 
 class Scheduler:
@@ -239,29 +242,29 @@ class Scheduler:
 
         A forward that raises has changed no sequence (engine.steps samples before it
         appends), so it is run again one request at a time: a failure that one request
-        causes fails that request alone, and the others lose nothing but time."""
+        causes fails that request alone, and the others lose nothing but time. Tokens are
+        delivered only after the forwards, so a retry never repeats a delivered step."""
         try:
-            self._forward(stage, reqs, step)
-            return reqs
+            done = [(reqs, self._forward(stage, reqs, step))]
         except Exception as e:
             if len(reqs) == 1:
                 self._fail(reqs[0], stage, e)
                 return []
-        alive = []
-        for r in reqs:
-            try:
-                self._forward(stage, [r], step)
-                alive.append(r)
-            except Exception as e:
-                self._fail(r, stage, e)
-        return alive
+            done = []
+            for r in reqs:
+                try:
+                    done.append(([r], self._forward(stage, [r], step)))
+                except Exception as e:
+                    self._fail(r, stage, e)
+        for rs, texts in done:
+            self._deliver(rs, texts)
+        return [r for rs, _ in done for r in rs]
 
-    def _forward(self, stage: str, reqs: list[Request], step) -> None:
+    def _forward(self, stage: str, reqs: list[Request], step) -> list[str]:
         if self.faults is not None:
             self.faults(stage, reqs)
         seqs = [r.seq for r in reqs]
-        texts = step(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs))
-        self._deliver(reqs, texts)
+        return step(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs))
 
     def _admit(self) -> list[Request]:
         admitted = []

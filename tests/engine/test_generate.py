@@ -138,3 +138,23 @@ def test_default_chat_template_matches_transformers(default_dir):
         assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     text = "Ünïcode, code `x = 1`, and 😀."
     assert tok.encode(text) == ref(text).input_ids
+
+
+def test_a_row_whose_bookkeeping_fails_ends_alone(tiny_engine):
+    """A row whose own append raises (stop strings, detokenizing) finishes with 'error' and
+    its exception; the rows beside it go on exactly as without it."""
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True) for _ in PROMPTS[:3]]
+    clean = tiny_engine.generate(PROMPTS[:3], params)
+    seqs = [tiny_engine.new_sequence(tiny_engine.encode_prompt(p), sp) for p, sp in zip(PROMPTS[:3], params)]
+    real = seqs[1].append
+
+    def broken(token):
+        if len(seqs[1].out_ids) >= 4:
+            raise RuntimeError("bookkeeping failed")
+        return real(token)
+
+    seqs[1].append = broken
+    tiny_engine.run(seqs)
+    assert seqs[1].finish_reason == "error" and "bookkeeping" in str(seqs[1].error)
+    assert len(seqs[1].out_ids) == 4
+    assert [s.out_ids for s in (seqs[0], seqs[2])] == [clean[0].token_ids, clean[2].token_ids]
