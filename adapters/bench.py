@@ -29,7 +29,8 @@ def bench_circuit(tokens: int, dim: int, layers: int, rotation: str, repeats: in
     import pennylane as qml
 
     from adapters.base import n_qubits
-    from adapters.circuit import circuit_z, to_qnode
+    from adapters.circuit import circuit_z
+    from adapters.export import qnode as to_qnode
 
     n = n_qubits(dim)
     g = torch.Generator().manual_seed(0)

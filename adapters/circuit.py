@@ -210,6 +210,26 @@ def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_
     [W_up | b]. `compiled` comes from compile_circuit; its leading dims broadcast against h's
     batch dims (e.g. (B, 1, 2, 2^n) per-row RX).
     """
+    parts, k = _amplitudes(h, compiled, rotation, n, L)  # (..., m, 2^n) real parts of the state
+    m = parts.shape[-2]
+    out = (parts * parts).flatten(-2) @ readout(n, k, h.device, ones=True, stacked=m)  # parts read in one matmul
+    out = out / out[..., n:].clamp_min(1e-30)
+    return out if with_one else out[..., :n]
+
+
+def probabilities(h: torch.Tensor, compiled, rotation: str, n: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The circuit's output distribution for hidden states h (..., d): (probs (..., 2^n)
+    summing to 1 over basis indices before the last ring permutations, readout (2^n, n)),
+    so that <Z> = probs @ readout and a shot's outcome i reads readout[i] (the finite-shot
+    emulator samples from it)."""
+    parts, k = _amplitudes(h, compiled, rotation, n, L)
+    probs = (parts * parts).sum(-2)
+    return probs / probs.sum(-1, keepdim=True).clamp_min(1e-30), readout(n, k, h.device)
+
+
+def _amplitudes(h, compiled, rotation: str, n: int, L: int):
+    """(parts (..., m, 2^n), k): the unnormalised output state's real parts, |psi|^2 = sum
+    over m of parts^2, with k ring permutations left to apply at the readout."""
     p = plan(n, h.device)
     h = h.float()
     if rotation == "RY":
@@ -217,15 +237,11 @@ def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_
         psi = pad(h, n)
         for l in range(L):
             psi = kron_apply(psi, hi[..., l, :, :], lo[..., l, :, :], p.a).index_select(-1, p.ring)
-        out = (psi * psi) @ readout(n, 0, h.device, ones=True)  # every ring already applied
-    else:
-        u = embed_wht(h, n)  # H psi, real
-        # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
-        # imaginary part vanishes in |.|^2
-        ri = kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a)  # (..., 2, 2^n)
-        out = (ri * ri).flatten(-2) @ readout(n, L, h.device, ones=True, stacked=2)  # re^2 then im^2
-    out = out / out[..., n:].clamp_min(1e-30)
-    return out if with_one else out[..., :n]
+        return psi[..., None, :], 0  # every ring already applied
+    u = embed_wht(h, n)  # H psi, real
+    # D = cos - i sin: the real and imaginary parts go through H together; the sign of the
+    # imaginary part vanishes in |.|^2
+    return kron_apply(u[..., None, :] * compiled, p.h_hi, p.h_lo, p.a), L  # (..., 2, 2^n)
 
 
 def _hi_cols(n: int, rows: int, device) -> torch.Tensor:
@@ -277,25 +293,3 @@ class _ParameterShift(torch.autograd.Function):
 def circuit_z_shift(h, theta, rotation):
     """circuit_z whose angle gradients come from the parameter-shift rule."""
     return _ParameterShift.apply(h, theta, rotation)
-
-
-def to_qnode(n: int, n_layers: int, rotation: str = "RX", device_name: str = "default.qubit"):
-    """The same circuit as a PennyLane QNode `f(features, weights)` -> [<Z_0>, ..., <Z_n-1>]
-    (torch interface, backprop), for checks and for export."""
-    import pennylane as qml
-
-    dev = qml.device(device_name, wires=n)
-    gate = {"RX": qml.RX, "RY": qml.RY}[rotation]
-
-    @qml.qnode(dev, interface="torch", diff_method="backprop")
-    def circuit(inputs, weights):
-        qml.AmplitudeEmbedding(inputs, wires=range(n), pad_with=0.0, normalize=True)
-        for l in range(n_layers):
-            for q in range(n):
-                gate(weights[l, q], wires=q)
-            if n > 1:
-                for q in range(n):
-                    qml.CNOT(wires=[q, (q + 1) % n])
-        return [qml.expval(qml.PauliZ(q)) for q in range(n)]
-
-    return circuit

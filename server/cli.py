@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
                     help="deepest QAA circuit an adapter may have")
     ap.add_argument("--max-prefix-tokens", metavar="N", type=number(int, 1), default=128,
                     help="most prefix-tuning virtual tokens (also bounded by --max-seq-len - 2)")
+    ap.add_argument("--lora-load-root", default=None, metavar="DIR",
+                    help="enable vLLM's /v1/load_lora_adapter for adapter directories under this directory")
     ap.add_argument("--stall-seconds", metavar="S", type=number(float, 0.001), default=60,
                     help="/health answers 503 when the scheduler has made no progress this long with work pending")
     ap.add_argument("--log-level", choices=LEVELS, default="info", help="lowest level logged (uvicorn's too)")
@@ -96,7 +99,8 @@ def build(args, scheduler_thread: bool = True):
         # uvicorn has stopped accepting and waited for open responses; finish what is left
         await asyncio.to_thread(scheduler.stop, args.drain_seconds)
 
-    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits)
+    lora_root = Path(args.lora_load_root).resolve() if args.lora_load_root else None
+    state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits, lora_root)
     return create_app(state, lifespan=lifespan)
 
 

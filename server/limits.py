@@ -7,7 +7,6 @@ before the scheduler thread sees it. What an adapter may demand is adapters.base
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
@@ -47,15 +46,12 @@ class BodyLimit:
         limit = self.limits.body_limit(scope["method"], scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            msg = (f"request body of {int(length)} bytes exceeds the limit of {limit} bytes" if length.isdigit()
-                   else "content-length is not a number")
-            status = 413 if length.isdigit() else 400
-            body = json.dumps({"error": msg, "error_type": "too_large" if status == 413 else "validation"}).encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            from server.errors import error
+
+            response = (error(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
+                              path=scope["path"], headers={"connection": "close"}) if length.isdigit()
+                        else error(400, "content-length is not a number", path=scope["path"]))
+            return await response(scope, receive, send)
         seen = 0
 
         async def counted():

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from typing import Annotated
+
+from pydantic import Field
+
+from server.schemas import Body, Name
 from server.store import NotFound, check_id
+
+
+class LoadLora(Body):
+    lora_name: Name
+    lora_path: Annotated[str, Field(max_length=4096)]
+
+
+class UnloadLora(Body):
+    lora_name: Name
 
 
 def register_adapter_routes(app: FastAPI, state) -> None:
@@ -71,6 +86,12 @@ def register_adapter_routes(app: FastAPI, state) -> None:
             check_id("tenant", tenant)
         check_id("adapter id", adapter_id)
         config, weights = await read_parts(request)
+        entry, existed = await store_and_publish(tenant, adapter_id, config, weights)
+        return JSONResponse(info(entry), status_code=200 if existed else 201)
+
+    async def store_and_publish(tenant: str, adapter_id: str, config: bytes, weights: bytes):
+        """Validate and store a new version, then hand it to the scheduler's thread (running
+        requests keep the old version). (entry, whether the id existed)."""
         existed = any(e.adapter_id == adapter_id for e in state.store.list(tenant))
         try:
             entry, ad = await run_in_threadpool(state.store.put, tenant, adapter_id, config, weights)
@@ -80,12 +101,49 @@ def register_adapter_routes(app: FastAPI, state) -> None:
                                      "(every earlier version is intact)", "insufficient_storage") from None
             raise
 
-        def publish():  # on the scheduler thread: running requests keep the old version
+        def publish():
             state.residency.forget(tenant, adapter_id)
             state.residency.put_host(entry.key, ad)
 
         state.scheduler.post(publish)
-        return JSONResponse(info(entry), status_code=200 if existed else 201)
+        return entry, existed
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLora, request: Request):
+        """vLLM's runtime adapter loading (what the Kubernetes inference gateway's adapter
+        syncer calls): an adapter directory on the server's disk, under --lora-load-root only
+        (off without it, as in vLLM), stored for the caller as `lora_name`."""
+        p = _principal(state, request)
+        root = state.lora_root
+        if root is None:
+            raise HTTPError(404, "loading adapters from server paths is off (start with --lora-load-root DIR)",
+                            "not_found")
+        check_id("adapter id", body.lora_name)
+        path = (root / body.lora_path).resolve()  # an absolute lora_path stays absolute
+        if not path.is_relative_to(root):
+            raise HTTPError(422, "lora_path must be under the server's --lora-load-root", "validation",
+                            param="lora_path")
+        try:
+            config = (path / CONFIG_NAME).read_bytes()
+            wpath = path / WEIGHTS_NAME
+            if wpath.stat().st_size > state.store.max_bytes:
+                raise HTTPError(413, f"{WEIGHTS_NAME} exceeds the upload limit of {state.store.max_bytes} bytes",
+                                "too_large")
+            weights = wpath.read_bytes()
+        except OSError as e:
+            raise HTTPError(422, f"lora_path {body.lora_path!r} holds no readable adapter ({e.strerror})",
+                            "validation", param="lora_path") from None
+        await store_and_publish(p.tenant, body.lora_name, config, weights)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLora, request: Request):
+        _principal(state, request)
+        if state.lora_root is None:
+            raise HTTPError(404, "loading adapters from server paths is off (start with --lora-load-root DIR)",
+                            "not_found")
+        await delete_adapter(body.lora_name, request)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request):
@@ -108,12 +166,22 @@ def register_adapter_routes(app: FastAPI, state) -> None:
         state.scheduler.post(lambda: state.residency.forget(e.tenant, e.adapter_id))
         return {"id": e.adapter_id, "deleted": True}
 
+    def model_card(p, e=None) -> dict:
+        if e is None:
+            return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "qaa-serve",
+                    "max_model_len": state.engine.max_seq_len}
+        mid = e.adapter_id if e.tenant == p.tenant else f"{e.tenant}/{e.adapter_id}"
+        return {"id": mid, "object": "model", "created": int(e.created), "owned_by": e.tenant,
+                "parent": state.model_name, "root": state.model_name, "adapter_type": e.kind,
+                "max_model_len": state.engine.max_seq_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         p = _principal(state, request)
-        data = [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "qaa-serve"}]
-        for e in visible(p):
-            mid = e.adapter_id if e.tenant == p.tenant else f"{e.tenant}/{e.adapter_id}"
-            data.append({"id": mid, "object": "model", "created": int(e.created), "owned_by": e.tenant,
-                         "parent": state.model_name, "adapter_type": e.kind})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(p)] + [model_card(p, e) for e in visible(p)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        """One model: the base model, or an adapter the caller may use (404 otherwise)."""
+        p = _principal(state, request)
+        return model_card(p, resolve_adapter(state, p, model_id))

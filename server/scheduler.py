@@ -44,6 +44,8 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     message: str = ""
+    logprob: tuple | None = None
+    """For 'token' with logprobs asked for: (logprob, [(id, logprob)] of the top ones)."""
     status: int = 500
     """For 'error': the HTTP status that fits (422 the request's or adapter's fault, 503
     shutting down, 500 the server's)."""
@@ -320,7 +322,7 @@ class Scheduler:
                     self.metrics.itl.labels(adapter_type=r.adapter_type).observe(now - r.last_token)
             r.first_token = r.first_token or now
             r.last_token = now
-            r.emit(Event("token", tok, text))
+            r.emit(Event("token", tok, text, logprob=r.seq.logprobs[-1] if r.seq.logprobs else None))
             if r.seq.finished:
                 self._finish(r, r.seq.finish_reason)
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def parse_args(argv=None):
     from adapters.circuit import ROTATIONS
     from adapters.qaa import GRADIENTS
-    from adapters.sora import SCHEDULES
+    from adapters.sora import SCHEDULES as SORA_SCHEDULES
     from engine.cli_parser import Parser, listed, number, one_of
-    from training.loop import LR_DEFAULTS, METHODS
+    from training.loop import LR_DEFAULTS, METHODS, REPORTERS, SCHEDULES
 
     ap = Parser("qaa-train", description=__doc__)
     ap.add_argument("--method", required=True, type=one_of("method", METHODS), metavar=listed(METHODS), help="what to train")
@@ -30,7 +29,7 @@ def parse_args(argv=None):
     ap.add_argument("--lora-targets", default="q_proj,v_proj", metavar="LIST", help="LoRA/SoRA projections, comma-separated")
     ap.add_argument("--sora-lambda", type=number(float, 0), default=1e-3, help="SoRA gate sparsity (start of the schedule)")
     ap.add_argument("--sora-max-lambda", type=number(float, 0), default=1e-2, help="SoRA sparsity at the end of the schedule")
-    ap.add_argument("--sora-schedule", choices=SCHEDULES, default="linear", help="how SoRA's lambda moves over the steps")
+    ap.add_argument("--sora-schedule", choices=SORA_SCHEDULES, default="linear", help="how SoRA's lambda moves over the steps")
     ap.add_argument("--prefix-tokens", type=number(int, 1), default=30, metavar="N", help="prefix tuning's virtual tokens")
     ap.add_argument("--qaa-layers", type=number(int, 1), default=2, metavar="L", help="QAA circuit layers")
     ap.add_argument("--qaa-rotation", choices=ROTATIONS, default="RX", help="QAA rotation gate")
@@ -44,6 +43,11 @@ def parse_args(argv=None):
     ap.add_argument("--adapter-id", default=None, metavar="ID", help="the adapter id for --upload")
     ap.add_argument("--api-key", default=None, metavar="KEY", help="tenant key for --upload")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
+    ap.add_argument("--lr-schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule after the warmup")
+    ap.add_argument("--warmup-steps", type=number(int, 0), default=0, metavar="N", help="linear warmup from 0 over this many steps")
+    ap.add_argument("--max-grad-norm", type=number(float), default=None, help="clip the gradient norm (logged either way)")
+    ap.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N", help="held-out loss every N steps (0: never)")
+    ap.add_argument("--report-to", choices=REPORTERS, default="none", help="where metrics also go (tensorboard: OUT/runs)")
     return ap.parse_args(argv)
 
 
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
             sora_max_lambda=args.sora_max_lambda, sora_schedule=args.sora_schedule, prefix_tokens=args.prefix_tokens,
             qaa_layers=args.qaa_layers, qaa_rotation=args.qaa_rotation, qaa_placement=args.qaa_placement.split(","),
             qaa_gradient=args.qaa_gradient, device=args.device, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, quiet=args.quiet)
+            resume=args.resume, quiet=args.quiet, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+            max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, report_to=args.report_to)
         t = Trainer(c)
         print(f"{args.method}: {ratio_line(t.n_trainable(), t.shape.n_params)}", file=sys.stderr)
         out = t.run()

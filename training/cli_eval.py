@@ -26,7 +26,15 @@ def eval_main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=number(int, 1), default=128, metavar="N", help="tokens generated per example at most")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--out", default=None, metavar="FILE", help="write the JSON here (default: ADAPTER/eval.json, or stdout)")
+    ap.add_argument("--shots", default=None, metavar="N[,N...]",
+                    help="QAA: also score with <Z> estimated from N shots (beside the exact circuit and the base model)")
+    ap.add_argument("--noise", default=None, metavar="depolarizing:p[,...]",
+                    help="QAA: also score with depolarizing noise p on every wire after each circuit layer")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the shot sampler")
+    ap.add_argument("--plot", default=None, metavar="FILE", help="with --shots/--noise: the plot's path (default: next to the JSON)")
     args = ap.parse_args(argv)
+    if args.shots or args.noise:
+        return _quantum_eval(args)
     try:
         from training.evaluate import METRICS, evaluate, table
 
@@ -40,6 +48,28 @@ def eval_main(argv=None) -> int:
         out.write_text(json.dumps(res, indent=2))
         print(f"wrote {out}", file=sys.stderr)
     print(table({args.adapter or "base": {k: res[k] for k in METRICS}}))
+    return 0
+
+
+def _quantum_eval(args) -> int:
+    try:
+        from engine.errors import InputError
+        from training.evaluate import table
+        from training.quantum_eval import parse_noises, parse_shots, plot_sweep, quantum_sweep
+
+        if not args.adapter:
+            raise InputError("--shots / --noise need --adapter (a QAA adapter)")
+        res = quantum_sweep(args.adapter, args.data, parse_shots(args.shots), parse_noises(args.noise), n=args.n,
+                            model=args.model, max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
+                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    except _errors() as e:
+        print(f"qaa-eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.adapter) / "eval_quantum.json"
+    out.write_text(json.dumps(res, indent=2))
+    plot = plot_sweep(res, args.plot or out.with_suffix(".png"))
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+    print(table(res))
     return 0
 
 

@@ -49,18 +49,23 @@ def score(candidates: list[str], references: list[str]) -> dict:
     return {"bleu": bleu, "bertscore_f1": 100 * f1_sum / len(candidates), **{k: 100 * v for k, v in rouge.items()}}
 
 
+def held_out(data: str, n: int) -> list:
+    """The first n held-out examples of a data set (the split qaa-train leaves out)."""
+    if n <= 0:
+        raise InputError(f"n must be > 0, got {n}")
+    held = split(load_examples(data))[1][:n]
+    if not held:
+        raise InputError(f"{data} has too few examples to hold any out")
+    return held
+
+
 def evaluate(adapter: str | Path | None, data: str, n: int = 100, model: str | None = None,
              max_new_tokens: int = 128, batch_size: int = 8, device: str = "auto") -> dict:
     """Generate for the first n held-out examples (the split qaa-train leaves out) and score.
 
     `adapter` is an adapter directory, a full fine-tune's checkpoint directory (OUT/model),
     or None for the base model."""
-    if n <= 0:
-        raise InputError(f"n must be > 0, got {n}")
-    _, held = split(load_examples(data))
-    held = held[:n]
-    if not held:
-        raise InputError(f"{data} has too few examples to hold any out")
+    held = held_out(data, n)
     name = None
     adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and (adapter / "config.json").is_file():

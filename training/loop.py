@@ -4,6 +4,7 @@ exactly what is served. Methods: full, lora, sora, prefix, qaa."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -24,10 +25,25 @@ from adapters.sora import SoraConfig, lambda_at, proximal_step
 from engine.engine import pick_device
 from engine.errors import InputError
 from engine.tokenizer import Tokenizer
-from engine.weights import load_model, resolve_model_dir
+from engine.weights import base_model_id, load_model, resolve_model_dir
 from training.data import IGNORE, batch, encode, load_examples, split
 
 METHODS = ("full", "lora", "sora", "prefix", "qaa")
+SCHEDULES = ("constant", "linear", "cosine")
+REPORTERS = ("none", "tensorboard")
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """Multiplier of the learning rate at optimizer step `step` (0-based): linear warmup, then
+    constant, linear decay to 0 or half a cosine to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -79,7 +95,19 @@ class TrainConfig:
     resume: bool = False
     """Continue from out/checkpoint."""
     quiet: bool = False
-    """No progress line."""
+    """No progress output."""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine after the warmup (the formulas of transformers' schedules)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to the learning rate."""
+    max_grad_norm: float | None = None
+    """Clip the gradients' global L2 norm to this (None: no clipping; the norm is logged either way)."""
+    eval_every: int = 0
+    """Held-out loss every N steps and at the end (0: never)."""
+    eval_examples: int = 32
+    """Held-out examples the eval loss averages over."""
+    report_to: str = "none"
+    """none | tensorboard (event files in OUT/runs)."""
 
 
 LR_DEFAULTS = {"full": 5e-5, "lora": 1e-3, "sora": 1e-3, "prefix": 1e-2, "qaa": 3e-3}
@@ -107,6 +135,14 @@ class Trainer:
             raise InputError(f"steps must be > 0, got {c.steps}")
         if c.batch_size <= 0 or c.max_len <= 8:
             raise InputError("batch_size must be > 0 and max_len > 8")
+        if c.lr_schedule not in SCHEDULES:
+            raise InputError(f"lr schedule {c.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if c.warmup_steps < 0 or c.eval_every < 0 or c.eval_examples <= 0:
+            raise InputError("warmup_steps and eval_every must be >= 0, eval_examples > 0")
+        if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+            raise InputError(f"max_grad_norm must be > 0, got {c.max_grad_norm}")
+        if c.report_to not in REPORTERS:
+            raise InputError(f"--report-to {c.report_to!r} is not one of {', '.join(REPORTERS)}")
         self.c = c
         self.out = Path(c.out)
         self.device = pick_device(c.device)
@@ -115,6 +151,9 @@ class Trainer:
         train, held = split(load_examples(c.data))
         self.train_set = [encode(self.tok, e, c.max_len) for e in (train or held)]
         self.held_out = held
+        self.eval_set = [encode(self.tok, e, c.max_len) for e in held[: c.eval_examples]]
+        if c.eval_every and not self.eval_set:
+            raise InputError(f"{c.data} has too few examples to hold any out for the eval loss")
         torch.manual_seed(c.seed)
         full = c.method == "full"
         self.model = load_model(self.model_dir, self.device, torch.float32, frozen=not full)
@@ -124,7 +163,7 @@ class Trainer:
             self.named = dict(self.model.named_parameters())
             self.adapter, self.seams = None, None
         else:
-            cfg = adapter_config(c, self.model_dir.name)
+            cfg = adapter_config(c, base_model_id(self.model_dir))
             t = get_type(c.method)
             t.check_config(cfg, self.shape)
             g = torch.Generator().manual_seed(c.seed)
@@ -132,7 +171,8 @@ class Trainer:
             self.adapter = Adapter(c.method, cfg, tensors, self.shape)
             self.named = tensors
             self.seams = SingleSeams(self.adapter)
-        self.opt = torch.optim.AdamW(self.named.values(), lr=c.lr or LR_DEFAULTS[c.method], weight_decay=0.0)
+        self.base_lr = c.lr or LR_DEFAULTS[c.method]
+        self.opt = torch.optim.AdamW(self.named.values(), lr=self.base_lr, weight_decay=0.0)
         self.step = 0
         self.log: list[dict] = []
         if c.resume:
@@ -162,44 +202,73 @@ class Trainer:
     def train_step(self) -> dict:
         tokens, labels = self.batch_at(self.step)
         t0 = time.perf_counter()
+        lr = self.base_lr * lr_factor(self.c.lr_schedule, self.step, self.c.warmup_steps, self.c.steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr  # a function of the step alone, so a resumed run continues the schedule
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(tokens, labels)
         loss.backward()
+        grads = [p for p in self.named.values() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.c.max_grad_norm or math.inf)  # the norm before clipping
         self.opt.step()
         if self.c.method == "sora":
             lam = lambda_at(self.adapter.config, self.step, self.c.steps)
             proximal_step([p for k, p in self.named.items() if k.endswith("lora_gate")], self.opt.param_groups[0]["lr"], lam)
         self.step += 1
-        rec = {"step": self.step, "loss": loss.item(), "tokens": int((labels != IGNORE).sum()),
-               "seconds": time.perf_counter() - t0}
+        rec = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": int((labels != IGNORE).sum()), "seconds": time.perf_counter() - t0}
+        if self.c.eval_every and (self.step % self.c.eval_every == 0 or self.step == self.c.steps):
+            rec["eval_loss"] = self.eval_loss()
         self.log.append(rec)
         return rec
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Mean response-token loss over the held-out examples (weighted by their tokens)."""
+        total, count = 0.0, 0
+        B = self.c.batch_size
+        for i in range(0, len(self.eval_set), B):
+            tokens, labels = batch(self.eval_set[i : i + B])
+            k = int((labels[:, 1:] != IGNORE).sum())
+            total += self.loss(tokens, labels).item() * k
+            count += k
+        return total / max(1, count)
 
     def run(self) -> Path:
         """Train to c.steps (Ctrl-C stops early and still saves a usable result)."""
         self.out.mkdir(parents=True, exist_ok=True)
         logf = open(self.out / "train_log.jsonl", "a" if self.c.resume else "w")
-        start, t_start = self.step, time.perf_counter()
+        reporter = _reporter(self.c.report_to, self.out)
+        progress = None if self.c.quiet else Progress(self.c.steps, self.step)
         try:
             while self.step < self.c.steps:
                 rec = self.train_step()
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-                if not self.c.quiet:
-                    _progress(rec, self.c.steps, start, t_start)
+                if reporter is not None:
+                    for k in ("loss", "lr", "grad_norm", "eval_loss"):
+                        if k in rec:
+                            reporter.add_scalar(("eval/loss" if k == "eval_loss" else f"train/{k}"), rec[k], rec["step"])
+                if progress is not None:
+                    progress.update(rec)
                 if self.c.checkpoint_every and self.step % self.c.checkpoint_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             print(f"\ninterrupted at step {self.step}: saving what was trained", file=sys.stderr)
         finally:
             logf.close()
-            if not self.c.quiet:
-                print(file=sys.stderr)
+            if reporter is not None:
+                reporter.close()
+            if progress is not None:
+                progress.close()
         path = self.save()
         self.save_checkpoint()
         from training.plot import plot_losses
 
-        plot_losses({self.c.method: [r["loss"] for r in _read_log(self.out / "train_log.jsonl")]}, self.out / "loss.png")
+        log = _read_log(self.out / "train_log.jsonl")
+        evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+        plot_losses({self.c.method: [r["loss"] for r in log]}, self.out / "loss.png",
+                    points={f"{self.c.method} (held-out)": evals} if evals else None)
         return path
 
     # --- outputs ----------------------------------------------------------------------
@@ -262,14 +331,50 @@ def _read_log(p: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _progress(rec, total, start, t_start) -> None:
-    done = rec["step"] - start
-    el = time.perf_counter() - t_start
-    eta = el / max(1, done) * (total - rec["step"])
-    bar = "#" * int(30 * rec["step"] / total)
-    print(f"\r[{bar:<30}] {rec['step']}/{total} loss {rec['loss']:.4f} "
-          f"{rec['tokens'] / max(rec['seconds'], 1e-9):7.0f} tok/s ETA {int(eta // 60)}m{int(eta % 60):02d}s",
-          end="", file=sys.stderr, flush=True)
+def _reporter(kind: str, out: Path):
+    if kind != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--report-to tensorboard needs the tensorboard package: pip install 'qaa-serve[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(out / "runs"))
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise plain lines (no carriage returns in log
+    files), about 20 per run and at least one a minute."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0, self.last = total, start, time.perf_counter(), 0.0
+        self.every = max(1, total // 20)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, rec: dict) -> None:
+        fields = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "grad_norm": f"{rec['grad_norm']:.3f}"}
+        if "eval_loss" in rec:
+            fields["eval_loss"] = f"{rec['eval_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.perf_counter() - self.t0
+        step = rec["step"]
+        if step % self.every and step != self.total and "eval_loss" not in rec and now - self.last < 60:
+            return
+        self.last = now
+        eta = now / max(1, step - self.start) * (self.total - step)
+        print(f"step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items())
+              + f" {rec['tokens'] / max(rec['seconds'], 1e-9):.0f} tok/s ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def ratio_line(n: int, base: int) -> str:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from adapters.base import n_qubits
-from adapters.circuit import circuit_z, circuit_z_shift, to_qnode
+from adapters.circuit import circuit_z, circuit_z_shift
+from adapters.export import qnode as to_qnode
 
 ROT = ["RX", "RY"]
 LAYERS = [1, 2, 4]

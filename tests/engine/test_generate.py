@@ -158,3 +158,35 @@ def test_a_row_whose_bookkeeping_fails_ends_alone(tiny_engine):
     assert seqs[1].finish_reason == "error" and "bookkeeping" in str(seqs[1].error)
     assert len(seqs[1].out_ids) == 4
     assert [s.out_ids for s in (seqs[0], seqs[2])] == [clean[0].token_ids, clean[2].token_ids]
+
+
+def test_logit_bias_bans_a_token_and_min_tokens_holds_back_eos(tiny_dir):
+    engine = Engine(tiny_dir, device="cpu", max_batch=2, max_seq_len=64)
+    free = engine.generate(["abc"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].token_ids
+    banned = engine.generate(["abc"], SamplingParams(max_new_tokens=10, ignore_eos=True,
+                                                    logit_bias={free[0]: -100}))[0].token_ids
+    assert free[0] not in banned
+    k = next(i for i in range(1, 10) if free[i] not in free[:i])  # a token first drawn at step k
+    engine.tokenizer.eos_ids = frozenset({free[k]})
+    assert engine.generate(["abc"], SamplingParams(max_new_tokens=10))[0].token_ids == free[: k + 1]
+    held = engine.generate(["abc"], SamplingParams(max_new_tokens=10, min_tokens=k + 3))[0]
+    assert len(held.token_ids) >= k + 3 and free[k] not in held.token_ids[: k + 3]
+    # a stop token ends generation as EOS does, ignore_eos or not
+    cut = engine.generate(["abc"], SamplingParams(max_new_tokens=10, ignore_eos=True, stop_token_ids=[free[k]]))[0]
+    assert cut.token_ids == free[: k + 1] and cut.finish_reason == "stop"
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition():
+    from engine.sampling import adjust
+
+    g = torch.Generator().manual_seed(0)
+    logits, out = torch.randn(50, generator=g), [3, 3, 7, 3, 9]
+    p = SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, logit_bias={5: 2.5, 3: -1.0})
+    got = adjust(logits.clone(), p, None, out, ())
+    want = logits.clone()
+    for t in range(50):  # mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+        c = out.count(t)
+        want[t] -= c * 0.3 + (c > 0) * 0.7
+    want[5] += 2.5
+    want[3] -= 1.0
+    assert torch.allclose(got, want, atol=1e-6)

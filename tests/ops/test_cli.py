@@ -17,6 +17,7 @@ from loadtest.cli import parse_args as loadtest_args
 from server.cli import parse_args as serve_args
 from training.cli import parse_args as train_args
 from training.cli_eval import compare_main, eval_main
+from training.cli_export import parse_args as export_args
 
 COMMANDS = {  # name: (entry point taking argv, required arguments)
     "qaa-generate": (generate_args, ["--prompt", "x"]),
@@ -24,6 +25,7 @@ COMMANDS = {  # name: (entry point taking argv, required arguments)
     "qaa-train": (train_args, ["--method", "lora", "--data", "d", "--out", "o"]),
     "qaa-eval": (eval_main, ["--data", "d"]),
     "qaa-compare": (compare_main, ["--data", "d", "--out", "o"]),
+    "qaa-export": (export_args, ["--adapter", "a", "--format", "specs"]),
     "qaa-loadtest": (loadtest_args, ["--url", "http://127.0.0.1:1"]),
 }
 
@@ -102,6 +104,7 @@ BAD = [  # command, arguments beyond the required ones, words the one line must 
     ("qaa-train", ["--qaa-rotation", "RZ"], ["--qaa-rotation", "RY"]),
     ("qaa-eval", ["--n", "0"], ["--n", ">= 1"]),
     ("qaa-compare", ["--methods", "lora,foo"], ["unknown method 'foo'"]),
+    ("qaa-export", ["--format", "svg"], ["--format", "qasm"]),
     ("qaa-loadtest", ["--concurrency", "0"], ["--concurrency", "> 0"]),
     ("qaa-loadtest", ["--nope"], ["--nope"]),
 ]

@@ -145,27 +145,37 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
         "top_p": [0, 1.1],
         "top_k": [-2, 2**31],
         "max_tokens": [0, -5, 2**31, 5000],
-        "n": [2, 0, 100],
+        "n": [17, 0, 100],
+        "logprobs": [21, -1, 10**6],
+        "best_of": [17, 0],
         "repetition_penalty": [0, 101],
         "stop": [["s"] * 17, ["s"] * 10_000, "x" * 300, [""], [3]],
         "model": ["m" * 1000, ["tiny"]],
         "user": ["u" * 1000],
         "stream_options": ["yes"],
     }
+    O = (400,)  # noqa: E741 - OpenAI's routes answer bad input with 400, as OpenAI does
     for p, values in bad_oai.items():
         for v in values:
-            add(f"completions {p}={str(v)[:24]}", V, completion(**{p: v}))
+            add(f"completions {p}={str(v)[:24]}", O, completion(**{p: v}))
     for p in ("seed", "max_tokens", "temperature", "stop"):
-        add(f"chat {p} out of range", V, chat(**{p: bad_oai[p][0]}))
+        add(f"chat {p} out of range", O, chat(**{p: bad_oai[p][0]}))
     for const in ("Infinity", "NaN"):
         body = '{"model": "tiny", "prompt": "x", "temperature": %s}' % const
-        add(f"completions temperature={const}", V, post_raw("/v1/completions", body))
+        add(f"completions temperature={const}", O, post_raw("/v1/completions", body))
         body = '{"model": "tiny", "prompt": "x", "repetition_penalty": %s}' % const
-        add(f"completions repetition_penalty={const}", V, post_raw("/v1/completions", body))
+        add(f"completions repetition_penalty={const}", O, post_raw("/v1/completions", body))
+    for field, v in [("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {"5": 101}),
+                     ("logit_bias", {"x": 1}), ("logit_bias", {str(i): 1 for i in range(2000)}),
+                     ("logit_bias", {"999999": 1}), ("min_tokens", -1), ("min_tokens", 10),
+                     ("stop_token_ids", [-1]), ("stop_token_ids", list(range(2000))), ("response_format", {"type": "xml"}),
+                     ("response_format", {"type": "json_schema", "json_schema": {"schema": {"enum": ["x" * 5000] * 20}}}),
+                     ("tools", [{"type": "function"}]), ("suffix", "x")]:
+        add(f"completions {field}={str(v)[:20]}", O, completion(**{field: v}))
     for name, prompt in [("empty list", []), ("nested lists", [[1, 2]]), ("negative id", [-1]),
                          ("id outside vocab", [10**6]), ("empty string in list", [""]), ("two prompts", ["a", "b"]),
                          ("null", None), ("number", 5), ("object", {"x": 1}), ("ids over the context", [5] * 300)]:
-        add(f"completions prompt {name}", V, completion(prompt=prompt))
+        add(f"completions prompt {name}", O, completion(prompt=prompt))
     add("completions unknown model", (404,), completion(model="no-such-adapter"))
     add("completions another tenant's adapter", (404,), completion(model="good-lora"))
     for name, msgs in [("none", []), ("unknown role", [{"role": "robot", "content": "x"}]),
@@ -173,8 +183,15 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
                        ("5000 messages", [{"role": "user", "content": "x"}] * 5000),
                        ("content 3 MB", [{"role": "user", "content": "x" * 3_000_000}]),
                        ("content too long for any context", [{"role": "user", "content": "y " * 400_000}])]:
-        add(f"chat messages {name}", (413,) if "MB" in name else V, chat(messages=msgs))
-    add("chat max_completion_tokens 0", V, chat(max_completion_tokens=0))
+        add(f"chat messages {name}", (413,) if "MB" in name else O, chat(messages=msgs))
+    add("chat max_completion_tokens 0", O, chat(max_completion_tokens=0))
+    add("chat top_logprobs without logprobs", O, chat(top_logprobs=2))
+    add("chat top_logprobs 21", O, chat(logprobs=True, top_logprobs=21))
+    add("completions best_of below n", O, completion(n=3, best_of=2))
+    add("completions echo with logprobs", O, completion(echo=True, logprobs=2))
+    add("completions best_of streamed", O, completion(n=1, best_of=2, stream=True))
+    add("chat image content part", O, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]))
 
     # --- adapters: resource bombs and malformed files of every type -------------------------
     lora = lambda **kw: (lambda: LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **kw}))  # noqa: E731

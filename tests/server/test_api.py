@@ -141,8 +141,10 @@ def test_streaming_and_disconnect(srv):
     body = {"inputs": "stream", "parameters": {"max_new_tokens": 20, "ignore_eos": True}}
     with httpx.stream("POST", srv.url + "/generate_stream", json=body, timeout=60) as resp:
         events = sse_events(resp)
-    assert len(events) == 21 and events[-1]["details"]["generated_tokens"] == 20
-    assert "".join(e["token"]["text"] for e in events[:-1]) == events[-1]["generated_text"]
+    # TGI's shape: one event per token, the last one carrying generated_text and details
+    assert len(events) == 20 and events[-1]["details"]["generated_tokens"] == 20
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert "".join(e["token"]["text"] for e in events) == events[-1]["generated_text"]
 
     m = srv.state.metrics.requests.labels(outcome="cancelled", adapter_type="base")
     cancelled_before = m._value.get()

@@ -135,3 +135,23 @@ def test_failed_upload_keeps_the_adapter(tiny_dir, data, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     engine = Engine(tiny_dir, device="cpu", max_batch=1, max_adapters=1)
     engine.load_adapter("me", out / "adapter")  # a complete, valid adapter
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_peft_finds_the_base_model_of_a_trained_adapter(method, tiny_dir, data, tmp_path):
+    """base_model_name_or_path names the base so that PEFT's AutoPeftModelForCausalLM loads the
+    adapter directory alone (offline, the base being a local checkpoint), with our outputs."""
+    from peft import AutoPeftModelForCausalLM
+
+    out = Trainer(cfg(tiny_dir, data, tmp_path, method, steps=3)).run()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir.resolve())
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    engine = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=64)
+    engine.load_adapter("t", out)
+    ours = engine.generate(["abcde"], SamplingParams(max_new_tokens=6, ignore_eos=True), adapters=["t"])[0].token_ids
+    ids = torch.tensor([engine.encode_prompt("abcde")])
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                     do_sample=False, min_new_tokens=6)[0, ids.shape[1]:].tolist()
+    if method == "lora":  # prefix: loaded above; its logits against PEFT are in tests/adapters/test_peft.py
+        assert ours == theirs

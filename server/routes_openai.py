@@ -1,0 +1,193 @@
+"""OpenAI-compatible /v1/completions and /v1/chat/completions, streamed or not.
+
+A request with n (or best_of) > 1 runs as that many generations side by side in the batch;
+with a seed, generation i uses seed + i, so the n completions differ and repeat exactly.
+best_of > n keeps the n with the highest total log-probability (as OpenAI does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from engine.sampling import SamplingParams
+from server.schemas import ChatRequest, CompletionRequest
+from server.scheduler import Event
+
+
+def register_openai_routes(app: FastAPI, state) -> None:
+    from server.app import (
+        HTTPError, _collect, _encode, _event_error_type, _principal, _sampling, _start, _with_grammar,
+    )
+
+    async def constrained(body, params: SamplingParams) -> SamplingParams:
+        if body.response_format is None:
+            return params
+        try:
+            on, schema = body.response_format.grammar_schema()
+        except ValueError as e:
+            raise HTTPError(422, str(e), "validation", param="response_format") from None
+        return await _with_grammar(state, params, on, schema, "response_format")
+
+    def params_of(body, max_tokens) -> tuple[SamplingParams, bool]:
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        vocab = state.engine.cfg.vocab_size
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        for t in [*bias, *(body.stop_token_ids or [])]:
+            if t >= vocab:
+                raise HTTPError(422, f"token id {t} is outside the vocabulary (0..{vocab - 1})", "validation")
+        # no max_tokens: up to the context (OpenAI's default), bounded by --max-new-tokens (_start)
+        return _sampling(state, stop, max_new_tokens=max_tokens or state.max_new_tokens,
+                         temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
+                         repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
+                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                         logit_bias=bias, min_tokens=body.min_tokens, stop_token_ids=list(body.stop_token_ids or []),
+                         logprobs=body.wanted_logprobs()), max_tokens is None
+
+    async def start_all(p, body, ids, params: SamplingParams, fit: bool):
+        """The request's n (or best_of) generations, queued together."""
+        k = max(body.n, body.best_of or 1)
+        if k > 1 and body.stream and (body.best_of or 1) > body.n:
+            raise HTTPError(422, "best_of > n cannot be streamed", "validation", param="best_of")
+        if k > 1 and (body.best_of or 1) > body.n and params.logprobs is None:
+            params = dataclasses.replace(params, logprobs=0)  # ranking needs each token's logprob
+        reqs = []
+        try:
+            for i in range(k):
+                seed = None if params.seed is None else (params.seed + i) % 2**64
+                reqs.append(await _start(state, p, body.model, ids, dataclasses.replace(params, seed=seed), fit))
+        except BaseException:
+            for r in reqs:
+                state.scheduler.cancel(r)
+            raise
+        return reqs
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        p = _principal(state, request)
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        params, fit = params_of(body, body.max_tokens)
+        params = await constrained(body, params)
+        ids = await _encode(state, prompt)
+        reqs = await start_all(p, body, ids, params, fit)
+        echo = (prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(ids)) if body.echo else ""
+        return await respond(reqs, request, body, chat=False, echo=echo)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        p = _principal(state, request)
+        params, fit = params_of(body, body.max_completion_tokens or body.max_tokens)
+        params = await constrained(body, params)
+        ids = await _encode(state, [m.for_template() for m in body.messages], chat=True)
+        reqs = await start_all(p, body, ids, params, fit)
+        return await respond(reqs, request, body, chat=True)
+
+    def token_str(t: int) -> str:
+        return state.engine.tokenizer.decode([t], skip_special_tokens=False)
+
+    def logprobs_of(events: list[Event], chat: bool, offset: int = 0) -> dict | None:
+        events = [e for e in events if e.logprob is not None]
+        if not events:
+            return None
+        if chat:
+            def entry(t, lp):
+                s = token_str(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(e.token_id, e.logprob[0]),
+                                 "top_logprobs": [entry(t, lp) for t, lp in e.logprob[1]]} for e in events]}
+        offsets, pos = [], offset
+        for e in events:
+            offsets.append(pos)
+            pos += len(e.text)
+        return {"tokens": [token_str(e.token_id) for e in events], "token_logprobs": [e.logprob[0] for e in events],
+                "top_logprobs": [{token_str(t): lp for t, lp in e.logprob[1]} for e in events],
+                "text_offset": offsets}
+
+    async def respond(reqs, request: Request, body, chat: bool, echo: str = ""):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created, model = int(time.time()), body.model
+        obj = "chat.completion" if chat else "text_completion"
+        n_prompt = len(reqs[0].prompt_ids)
+        if not body.stream:
+            try:
+                results = await asyncio.gather(*(_collect(state, r, request) for r in reqs))
+            except BaseException:
+                for r in reqs:
+                    state.scheduler.cancel(r)
+                raise
+            used = sum(len(evs) for evs, _ in results)
+            if len(results) > body.n:  # best_of: the n most likely completions
+                results = sorted(results, key=lambda x: -sum(e.logprob[0] for e in x[0]))[: body.n]
+            choices = []
+            for i, (evs, reason) in enumerate(results):
+                text = "".join(e.text for e in evs)
+                lps = logprobs_of(evs, chat, len(echo)) if body.wanted_logprobs() is not None else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                                "finish_reason": reason} if chat else
+                               {"index": i, "text": echo + text, "finish_reason": reason, "logprobs": lps})
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}
+            return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
+
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        extra = {"usage": None} if usage else {}
+        chunk_obj = obj + ".chunk" if chat else obj
+
+        def chunk(choices, **kw):
+            return f"data: {json.dumps({'id': rid, 'object': chunk_obj, 'created': created, 'model': model, 'choices': choices, **kw})}\n\n"
+
+        async def events():
+            first, used = [True] * len(reqs), 0
+            if echo:
+                yield chunk([{"index": i, "text": echo, "finish_reason": None, "logprobs": None}
+                             for i in range(len(reqs))], **extra)
+            async for i, ev in merged(reqs):
+                used += ev.kind == "token"
+                if ev.kind == "error":  # the final event says why; clients stop at [DONE]
+                    yield f"data: {json.dumps({'error': {'message': ev.message, 'type': _event_error_type(ev), 'code': ev.status}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                reason = ev.finish_reason if ev.kind == "done" else None
+                if ev.kind == "token" and not ev.text and not first[i] and ev.logprob is None:
+                    continue
+                lps = logprobs_of([ev], chat, 0) if ev.kind == "token" else None
+                if chat:
+                    delta = {"role": "assistant", "content": ev.text} if first[i] else (
+                        {"content": ev.text} if ev.text else {})
+                    choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}
+                else:
+                    choice = {"index": i, "text": ev.text, "finish_reason": reason, "logprobs": lps}
+                first[i] = False
+                yield chunk([choice], **extra)
+            if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+                yield chunk([], usage={"prompt_tokens": n_prompt, "completion_tokens": used,
+                                       "total_tokens": n_prompt + used})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def merged(reqs):
+        """(index, event) of several generations as they come; a consumer that stops early
+        (the client went away) cancels every one still running."""
+        gets = {asyncio.ensure_future(r.queue.get()): i for i, r in enumerate(reqs)}
+        try:
+            while gets:
+                done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=gets.get):
+                    i = gets.pop(fut)
+                    ev = fut.result()
+                    yield i, ev
+                    if ev.kind == "error":
+                        return
+                    if ev.kind == "token":
+                        gets[asyncio.ensure_future(reqs[i].queue.get())] = i
+        finally:
+            for fut in gets:
+                fut.cancel()
+            for i, r in enumerate(reqs):
+                state.scheduler.cancel(r)  # a no-op for a finished request
