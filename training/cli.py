@@ -43,11 +43,13 @@ def parse_args(argv=None):
     ap.add_argument("--adapter-id", default=None, metavar="ID", help="the adapter id for --upload")
     ap.add_argument("--api-key", default=None, metavar="KEY", help="tenant key for --upload")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
-    ap.add_argument("--lr-schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule after the warmup")
+    ap.add_argument("--lr-schedule", default="constant",
+                    help="learning-rate schedule after the warmup: " + " | ".join(SCHEDULES))
     ap.add_argument("--warmup-steps", type=number(int, 0), default=0, metavar="N", help="linear warmup from 0 over this many steps")
     ap.add_argument("--max-grad-norm", type=number(float), default=None, help="clip the gradient norm (logged either way)")
     ap.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N", help="held-out loss every N steps (0: never)")
-    ap.add_argument("--report-to", choices=REPORTERS, default="none", help="where metrics also go (tensorboard: OUT/runs)")
+    ap.add_argument("--report-to", default="none",
+                    help="where metrics also go: " + " | ".join(REPORTERS) + " (tensorboard: OUT/runs)")
     return ap.parse_args(argv)
 
 
