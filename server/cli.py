@@ -49,6 +49,10 @@ def parse_args(argv=None):
                     help="enable vLLM's /v1/load_lora_adapter for adapter directories under this directory")
     ap.add_argument("--stall-seconds", metavar="S", type=number(float, 0.001), default=60,
                     help="/health answers 503 when the scheduler has made no progress this long with work pending")
+    ap.add_argument("--metrics-adapter-names", default="all", help="adapter ids vllm:lora_requests_info may show: "
+                    "all, none, or comma-separated tenants (see server/metrics.py)")
+    ap.add_argument("--ray", action="store_true", help="run on Ray Serve: an ingress and --replicas engine replicas")
+    ap.add_argument("--replicas", type=number(int, 1), default=2, metavar="N", help="engine replicas with --ray")
     ap.add_argument("--log-level", choices=LEVELS, default="info", help="lowest level logged (uvicorn's too)")
     ap.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
     ap.add_argument("--stats-interval", metavar="S", type=number(float, 0), default=10,
@@ -86,7 +90,9 @@ def build(args, scheduler_thread: bool = True):
     limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
                     max_new_tokens=min(args.max_new_tokens, engine.max_seq_len - 1), max_stop=args.max_stop,
                     max_stop_chars=args.max_stop_chars)
-    metrics = Metrics()
+    names = args.metrics_adapter_names
+    metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),
+                      args.max_device_adapters)
     store = Store(args.adapter_dir, engine.shape, max_bytes=limits.max_upload_bytes, capacity=engine.capacity)
     residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
     scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics, args.stall_seconds)
@@ -101,7 +107,11 @@ def build(args, scheduler_thread: bool = True):
 
     lora_root = Path(args.lora_load_root).resolve() if args.lora_load_root else None
     state = ServerState(engine, store, residency, scheduler, metrics, auth, engine.name, limits, lora_root)
-    return create_app(state, lifespan=lifespan)
+    app = create_app(state, lifespan=lifespan)
+    from server.probes import register_probes
+
+    register_probes(app, state)
+    return app
 
 
 def _loopback(host: str) -> bool:
@@ -133,6 +143,10 @@ def main(argv=None) -> int:
     from server import logs
 
     logs.setup(args.log_level, args.log_format)
+    if args.ray:
+        from server.ray_app import main as ray_main
+
+        return ray_main(args)
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as e:

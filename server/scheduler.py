@@ -370,3 +370,8 @@ class Scheduler:
             self.metrics.adapters_resident.labels(tier="device").set(len(self.res.device))
             self.metrics.adapters_resident.labels(tier="host").set(len(self.res.host))
             self.metrics.adapters_pinned.set(sum(self.res.pins.values()))
+            with self.cv:
+                waiting = [r.entry for r in self.waiting if r.entry is not None]
+            running = [r.entry for r in self.running if r.entry is not None]
+            self.metrics.set_lora_requests(self.res.max_device, [(e.tenant, e.adapter_id) for e in running],
+                                           [(e.tenant, e.adapter_id) for e in waiting])

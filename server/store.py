@@ -1,15 +1,31 @@
-"""The adapter store: a directory that survives restarts and crashes.
+"""The adapter store: a directory that survives restarts and crashes, and that several
+replicas on several hosts may share (NFS, a Kubernetes ReadWriteMany volume).
 
 Layout: ROOT/<tenant>/<adapter_id>/v<N>/{adapter_config.json, adapter_model.safetensors}.
-The current version of an adapter is its highest complete v<N>. A new version is written to
-a dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or a
-kill leaves either the old version or the new one visible, never half of one; leftover temp
-directories are ignored and removed at start. Uploads are validated in full before any byte
-is written.
+The current version of an adapter is its highest v<N>. A new version is written to a
+dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or a
+kill leaves either the old version or the new one visible, never half of one. Uploads are
+validated in full before any byte is written.
+
+Writers on different hosts: version N belongs to whoever creates the claim file
+`.claim-v<N>` with O_CREAT|O_EXCL (atomic on local filesystems and on NFSv3+), and only the
+owner renames a staged directory onto v<N>. Claims are never removed while the adapter
+exists, so no two writers can both own N, and a writer always claims above every version it
+saw: uploads of one adapter are totally ordered by N. After publishing v<N>, versions below
+N-1 are removed (the one before stays, so a replica that resolved it a moment ago can still
+read it). A delete renames the adapter's directory away in one step.
+
+Readers: each replica caches what it saw and re-reads an adapter's directory from disk when
+its cached view is older than `refresh_seconds` (and list() rescans the tree on the same
+bound), so a replacement or delete through any replica is seen by every other one within
+refresh_seconds plus the filesystem's own attribute cache (see README: mount NFS with
+`actimeo=1` or less). Leftover temp directories from a crash are removed once they are an
+hour old: a fresh one may be another host's upload in progress.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -53,60 +69,147 @@ class Entry:
         return (self.tenant, self.adapter_id, self.version)
 
 
+STALE_TEMP_SECONDS = 3600.0
+"""Age after which a dot-prefixed temp directory is taken as a crash's leftover."""
+
+
+def _versions(adir: Path) -> tuple[list[int], int]:
+    """(published versions, highest claimed version) of one adapter directory."""
+    published, claimed = [], 0
+    try:
+        names = os.listdir(adir)
+    except FileNotFoundError:
+        return [], 0
+    for n in names:
+        if n.startswith("v") and n[1:].isdigit():
+            published.append(int(n[1:]))
+        elif n.startswith(".claim-v") and n[8:].isdigit():
+            claimed = max(claimed, int(n[8:]))
+    return sorted(published), claimed
+
+
 class Store:
     def __init__(self, root: str | os.PathLike, shape: BaseShape, max_bytes: int = 512 * 2**20,
-                 capacity: Capacity | None = None):
+                 capacity: Capacity | None = None, refresh_seconds: float = 1.0):
+        """refresh_seconds: how stale this replica's view of an adapter may be before it is
+        read again from disk (the staleness bound for changes made by other replicas)."""
         self.root, self.shape, self.max_bytes = Path(root), shape, max_bytes
         self.capacity = capacity or Capacity()
         """What an adapter may demand; checked on upload and again on every read, so an
         adapter stored under looser limits fails its own requests, not the server."""
+        self.refresh_seconds = refresh_seconds
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], Entry] = {}
-        self._scan()
+        self._checked: dict[tuple[str, str], float] = {}  # monotonic time of the last disk read
+        self._parsed: dict[tuple[str, str, int], Entry] = {}  # a published version never changes
+        self._listed: dict[str | None, float] = {}  # tenant (None: all) -> monotonic time of its last scan
+        self._sweep()
 
-    def _scan(self) -> None:
+    def _sweep(self) -> None:
+        now = time.time()
         for tdir in self.root.iterdir():
             if not tdir.is_dir() or tdir.name.startswith("."):
                 continue
             for adir in tdir.iterdir():
-                if adir.name.startswith("."):
-                    shutil.rmtree(adir, ignore_errors=True)  # a write or delete cut short
+                if adir.name.startswith(".deleted-"):  # already out of view
+                    shutil.rmtree(adir, ignore_errors=True)
                     continue
-                for leftover in adir.glob(".*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
-                e = self._entry_from_disk(tdir.name, adir.name)
-                if e is not None:
-                    self._entries[(e.tenant, e.adapter_id)] = e
+                for leftover in adir.glob(".upload-*"):
+                    try:
+                        if now - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
+                            shutil.rmtree(leftover, ignore_errors=True)
+                    except FileNotFoundError:
+                        pass
 
     def _entry_from_disk(self, tenant: str, adapter_id: str) -> Entry | None:
-        versions = sorted(int(p.name[1:]) for p in (self.root / tenant / adapter_id).glob("v*") if p.name[1:].isdigit())
-        if not versions:
-            return None
-        v = versions[-1]
-        d = self.root / tenant / adapter_id / f"v{v}"
-        kind, cfg = parse_config((d / CONFIG_NAME).read_bytes())
-        size = sum(f.stat().st_size for f in d.iterdir())
-        return Entry(tenant, adapter_id, v, kind, size, d.stat().st_mtime, get_type(kind).virtual_tokens(cfg))
+        """The newest published version as it is on disk now (None: no such adapter)."""
+        adir = self.root / tenant / adapter_id
+        for _ in range(5):  # a version can vanish between listing and reading: look again
+            versions, _ = _versions(adir)
+            if not versions:
+                return None
+            v = versions[-1]
+            e = self._parsed.get((tenant, adapter_id, v))
+            if e is not None:
+                return e
+            d = adir / f"v{v}"
+            try:
+                kind, cfg = parse_config((d / CONFIG_NAME).read_bytes())
+                size = sum(f.stat().st_size for f in d.iterdir())
+                created = d.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg))
+            with self._lock:
+                self._parsed[e.key] = e
+            return e
+        return None
+
+    def _refresh(self, tenant: str, adapter_id: str) -> Entry | None:
+        e = self._entry_from_disk(tenant, adapter_id)
+        with self._lock:
+            if e is None:
+                self._entries.pop((tenant, adapter_id), None)
+            else:
+                self._entries[(tenant, adapter_id)] = e
+            self._checked[(tenant, adapter_id)] = time.monotonic()
+        return e
 
     # --- reads -------------------------------------------------------------------------
     def list(self, tenant: str | None = None) -> list[Entry]:
+        if time.monotonic() - max(self._listed.get(tenant, -1e9), self._listed.get(None, -1e9)) > self.refresh_seconds:
+            self._rescan(tenant)
         with self._lock:
             return sorted((e for e in self._entries.values() if tenant is None or e.tenant == tenant),
                           key=lambda e: (e.tenant, e.adapter_id))
 
+    def _rescan(self, tenant: str | None) -> None:
+        t0 = time.monotonic()
+        tdirs = [self.root / tenant] if tenant is not None else [p for p in self.root.iterdir() if not p.name.startswith(".")]
+        seen = set()
+        for tdir in tdirs:
+            try:
+                names = os.listdir(tdir)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for n in names:
+                if not n.startswith("."):
+                    seen.add((tdir.name, n))
+                    self._refresh(tdir.name, n)
+        with self._lock:
+            for key in [k for k in self._entries if (tenant is None or k[0] == tenant) and k not in seen]:
+                del self._entries[key]  # deleted through another replica
+            self._listed[tenant] = t0
+
     def get(self, tenant: str, adapter_id: str) -> Entry:
+        """The newest version, as seen at most refresh_seconds ago."""
         with self._lock:
             e = self._entries.get((tenant, adapter_id))
+            fresh = time.monotonic() - self._checked.get((tenant, adapter_id), float("-inf")) <= self.refresh_seconds
+        if not fresh:
+            e = self._refresh(tenant, adapter_id)
         if e is None:
             raise NotFound(adapter_id)
         return e
 
     def read(self, e: Entry) -> Adapter:
-        """Load and validate one stored version (host memory, CPU tensors). Called from a
-        loader thread, so its torch ops run serially (see adapters.threads)."""
+        """Load and validate one stored version (host memory, CPU tensors); if a newer upload
+        has removed it meanwhile, the newest version. Called from a loader thread, so its
+        torch ops run serially (see adapters.threads)."""
         with serial():
-            return load_dir(self.root / e.tenant / e.adapter_id / f"v{e.version}", self.shape, self.capacity)
+            for _ in range(5):
+                d = self.root / e.tenant / e.adapter_id / f"v{e.version}"
+                try:
+                    if d.is_dir():
+                        return load_dir(d, self.shape, self.capacity)
+                except FileNotFoundError:
+                    pass
+                newer = self._refresh(e.tenant, e.adapter_id)  # removed by a newer upload or a delete
+                if newer is None:
+                    raise NotFound(f"adapter {e.adapter_id!r} was deleted")
+                e = newer
+            raise AdapterError("the adapter is being replaced faster than it can be read")
 
     # --- writes ------------------------------------------------------------------------
     def put(self, tenant: str, adapter_id: str, config: bytes, weights: bytes) -> tuple[Entry, Adapter]:
@@ -118,37 +221,60 @@ class Store:
             raise AdapterError(f"upload is {len(config) + len(weights)} bytes; the limit is {self.max_bytes}")
         with serial():
             ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
+        adir = self.root / tenant / adapter_id
+        adir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
+        try:
+            version = self._publish(adir, tmp)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AdapterError(f"adapter {adapter_id!r} was deleted while this upload was written; upload it again") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        e = Entry(tenant, adapter_id, version, ad.kind, len(config) + len(weights), time.time(),
+                  get_type(ad.kind).virtual_tokens(ad.config))
         with self._lock:
-            adir = self.root / tenant / adapter_id
-            adir.mkdir(parents=True, exist_ok=True)
-            old = self._entries.get((tenant, adapter_id))
-            version = (old.version if old else 0) + 1
-            while (adir / f"v{version}").exists():
-                version += 1
-            tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
-            try:
-                os.rename(tmp, adir / f"v{version}")
-                fsync_dir(adir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            e = Entry(tenant, adapter_id, version, ad.kind, len(config) + len(weights), time.time(),
-                      get_type(ad.kind).virtual_tokens(ad.config))
-            self._entries[(tenant, adapter_id)] = e
-            for p in adir.glob("v*"):  # older versions: running requests hold their own copy
-                if p.name != f"v{version}":
-                    shutil.rmtree(p, ignore_errors=True)
+            self._parsed[e.key] = e
+        for v in _versions(adir)[0]:  # older versions: running requests hold their own copy
+            if v < version - 1:
+                shutil.rmtree(adir / f"v{v}", ignore_errors=True)
+        self._refresh(tenant, adapter_id)  # another host may have published a newer one meanwhile
         return e, ad
 
+    @staticmethod
+    def _publish(adir: Path, tmp: Path) -> int:
+        """Claim the next free version number and rename the staged directory onto it."""
+        published, claimed = _versions(adir)
+        version = max(published[-1] if published else 0, claimed) + 1
+        while True:
+            try:
+                os.close(os.open(adir / f".claim-v{version}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:  # another writer got there first: take the next one
+                version += 1
+                continue
+            try:
+                os.rename(tmp, adir / f"v{version}")  # a non-empty v<N> is never replaced
+            except OSError as err:
+                if err.errno in (errno.EEXIST, errno.ENOTEMPTY):  # written by a claim-less writer
+                    version += 1
+                    continue
+                raise
+            fsync_dir(adir)
+            return version
+
     def delete(self, tenant: str, adapter_id: str) -> Entry:
-        with self._lock:
-            e = self._entries.pop((tenant, adapter_id), None)
-            if e is None:
-                raise NotFound(adapter_id)
-            adir = self.root / tenant / adapter_id
-            trash = adir.parent / f".deleted-{adapter_id}-{time.time_ns()}"
+        e = self.get(tenant, adapter_id)
+        adir = self.root / tenant / adapter_id
+        trash = adir.parent / f".deleted-{adapter_id}-{time.time_ns()}"
+        try:
             os.rename(adir, trash)  # one step: gone from view even if the rmtree is cut short
-            fsync_dir(adir.parent)
+        except FileNotFoundError:
+            self._refresh(tenant, adapter_id)
+            raise NotFound(adapter_id) from None
+        fsync_dir(adir.parent)
+        with self._lock:
+            self._entries.pop((tenant, adapter_id), None)
+            self._checked[(tenant, adapter_id)] = time.monotonic()
         shutil.rmtree(trash, ignore_errors=True)
         return e
-
