@@ -109,11 +109,15 @@ def to_bytes(ad: Adapter) -> tuple[bytes, bytes]:
 
 def stage_dir(parent: Path, files: dict[str, bytes], prefix: str) -> Path:
     """Write files into a new dot-prefixed temp directory under parent, each fsynced; the
-    caller renames it into place (one atomic step) or removes it."""
+    caller renames it into place (one atomic step) or removes it. The directory is 0755 and
+    the files 0644 (mkdtemp's 0700 would hide them from another UID: a sidecar, a container
+    user reading a shared store)."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     try:
+        os.chmod(tmp, 0o755)
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

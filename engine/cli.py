@@ -7,19 +7,21 @@ import sys
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="qaa-generate", description=__doc__)
+    from engine.cli_parser import Parser, number
+
+    ap = Parser("qaa-generate", description=__doc__)
     ap.add_argument("--prompt", required=True, help="prompt text, or - to read UTF-8 from stdin")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--model", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--adapter", default=None, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--max-new-tokens", type=number(int), default=64, metavar="N", help="tokens to generate at most")
+    ap.add_argument("--temperature", type=number(float), default=0.0, help="sampling temperature; 0 is greedy")
+    ap.add_argument("--top-k", type=number(int), default=0, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    ap.add_argument("--top-p", type=number(float), default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+    ap.add_argument("--repetition-penalty", type=number(float), default=1.0, metavar="R", help="1 is none")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    ap.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    ap.add_argument("--model", default=None, metavar="DIR", help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
     return ap.parse_args(argv)
 

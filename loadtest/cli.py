@@ -63,34 +63,74 @@ def _counts(text: str) -> list[int]:
     return xs
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    # a copy of engine.cli_parser's (loadtest imports nothing of the other packages):
+    # "(default: X)" only for real defaults, and the description's line breaks kept
+    def _get_help_string(self, action):
+        text, d = action.help or "", action.default
+        if "%(default)" in text or not action.option_strings or d is None or d is False or d == "" \
+                or d is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qaa-serve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not x > 0 or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return x
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser("qaa-loadtest", description=__doc__.split("\n\n")[0])
+    ap = _Parser("qaa-loadtest", description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
     ap.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--api-key", help="a tenant's key (the adapters are uploaded for that tenant)")
+    ap.add_argument("--api-key", metavar="KEY", help="a tenant's key (the adapters are uploaded for that tenant)")
     a = ap.add_argument_group("adapters")
-    a.add_argument("--adapters", type=int, default=10, help="synthetic adapters to create and spread requests over")
-    a.add_argument("--sweep-adapters", type=_counts, help="run once per count, e.g. 1,10,100,1000")
-    a.add_argument("--types", type=_types, default=_types(",".join(TYPES)),
-                   help="adapter types and ratios, e.g. qaa,lora or qaa:2,lora:1 (default: all four, equal)")
-    a.add_argument("--from-dir", type=Path, help="upload the adapter directories under DIR instead of synthetic ones")
+    a.add_argument("--adapters", type=int, default=10, metavar="N", help="synthetic adapters to create and spread requests over")
+    a.add_argument("--sweep-adapters", type=_counts, metavar="LIST", help="run once per count, e.g. 1,10,100,1000")
+    a.add_argument("--types", type=_types, default=",".join(TYPES), metavar="LIST",
+                   help="adapter types and ratios, e.g. qaa,lora or qaa:2,lora:1 (equal when no ratio)")
+    a.add_argument("--from-dir", type=Path, metavar="DIR", help="upload the adapter directories under DIR instead of synthetic ones")
     a.add_argument("--popularity", choices=PATTERNS, default="powerlaw",
                    help="powerlaw (with --alpha), or Punica's distinct|uniform|skewed|identical")
     a.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of adapter popularity")
     a.add_argument("--keep-adapters", action="store_true", help="leave uploaded adapters on the server")
-    a.add_argument("--adapter-prefix", default="lt", help="prefix of the adapter ids this tool creates")
+    a.add_argument("--adapter-prefix", default="lt", metavar="PREFIX", help="prefix of the adapter ids this tool creates")
     w = ap.add_argument_group("load")
-    w.add_argument("--rate", type=float, help="open loop: mean arrivals per second")
-    w.add_argument("--cv", type=float, default=1.0, help="open loop: gamma arrivals' coefficient of variation (1 = Poisson)")
-    w.add_argument("--concurrency", type=int, help="closed loop: requests in flight (default 8 when no --rate)")
-    w.add_argument("--input-len", type=_range, default=(32, 128), help="prompt tokens A:B (uniform)")
-    w.add_argument("--output-len", type=_range, default=(32, 128), help="generated tokens A:B (uniform, EOS ignored)")
-    w.add_argument("--duration", type=float, help="seconds of sending per run")
-    w.add_argument("--requests", type=int, help="requests per run")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--rate", type=_positive(float), help="open loop: mean arrivals per second")
+    w.add_argument("--cv", type=_positive(float), default=1.0, help="open loop: gamma arrivals' coefficient of variation (1 = Poisson)")
+    w.add_argument("--concurrency", type=_positive(int), help="closed loop: requests in flight (default: 8 when no --rate)")
+    w.add_argument("--input-len", type=_range, default="32:128", metavar="A:B", help="prompt tokens A:B (uniform)")
+    w.add_argument("--output-len", type=_range, default="32:128", metavar="A:B", help="generated tokens A:B (uniform, EOS ignored)")
+    w.add_argument("--duration", type=_positive(float), metavar="S", help="seconds of sending per run")
+    w.add_argument("--requests", type=_positive(int), metavar="N", help="requests per run (default: 100 when no --duration)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, prompts, lengths, adapters)")
     w.add_argument("--baseline", action="store_true", help="also run the same workload on the base model only")
-    w.add_argument("--slo-ttft", type=float, default=1.0, help="time-to-first-token SLO in seconds")
-    w.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request counts as timed out")
-    ap.add_argument("--out", type=Path, default=Path("loadtest-report"), help="where the report goes")
+    w.add_argument("--slo-ttft", type=_positive(float), default=1.0, metavar="S", help="time-to-first-token SLO in seconds")
+    w.add_argument("--request-timeout", type=_positive(float), default=300.0, metavar="S", help="seconds before a request counts as timed out")
+    ap.add_argument("--out", type=Path, default="loadtest-report", metavar="DIR", help="where the report goes")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     args = ap.parse_args(argv)
     if args.rate is not None and args.concurrency is not None:

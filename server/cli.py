@@ -12,40 +12,56 @@ from contextlib import asynccontextmanager
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="qaa-serve", description=__doc__)
-    ap.add_argument("--model", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--adapter-dir", default=os.environ.get("QAA_ADAPTER_DIR", "adapters-store"),
-                    help="the adapter store (created if missing)")
-    ap.add_argument("--max-running", type=int, default=16, help="requests decoding together (KV slots)")
-    ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
-    ap.add_argument("--max-device-adapters", type=int, default=32, help="adapters held in device slot banks")
-    ap.add_argument("--max-host-adapters", type=int, default=256, help="adapters held in host memory")
-    ap.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per request")
-    ap.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_new_tokens a request may ask for")
-    ap.add_argument("--max-upload-mb", type=float, default=512)
-    ap.add_argument("--api-keys", default=None, help="JSON file: key -> tenant (see server/auth.py)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--drain-seconds", type=float, default=30, help="on SIGTERM, how long running requests may finish")
+    from engine.cli_parser import Parser, number
+    from server.logs import FORMATS, LEVELS
+
+    ap = Parser("qaa-serve", description=__doc__)
+    ap.add_argument("--model", metavar="DIR", default=None, help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: needs --api-keys)")
+    ap.add_argument("--port", metavar="PORT", type=number(int, 0, 65535), default=8000, help="port to listen on (0: any free port)")
+    ap.add_argument("--adapter-dir", metavar="DIR", default=os.environ.get("QAA_ADAPTER_DIR", "adapters-store"),
+                    help="the adapter store, created if missing ($QAA_ADAPTER_DIR)")
+    ap.add_argument("--max-running", metavar="N", type=number(int, 1), default=16, help="requests decoding together (KV slots)")
+    ap.add_argument("--max-waiting", metavar="N", type=number(int, 1), default=256, help="queued requests before 429")
+    ap.add_argument("--max-device-adapters", metavar="N", type=number(int, 1), default=32, help="adapters held in device slot banks")
+    ap.add_argument("--max-host-adapters", metavar="N", type=number(int, 1), default=256, help="adapters held in host memory")
+    ap.add_argument("--max-seq-len", metavar="N", type=number(int, 2), default=2048, help="prompt + generated tokens per request")
+    ap.add_argument("--max-new-tokens", metavar="N", type=number(int, 1), default=1024, help="largest max_new_tokens a request may ask for")
+    ap.add_argument("--max-upload-mb", metavar="MB", type=number(float, 0.001), default=512, help="largest adapter upload, in MiB")
+    ap.add_argument("--api-keys", default=None, metavar="FILE",
+                    help="JSON file: key -> tenant (see server/auth.py); without it: single tenant, loopback only")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--drain-seconds", metavar="S", type=number(float, 0), default=30,
+                    help="on SIGTERM, how long running requests may finish")
     # what one tenant's request or adapter may demand (see README: Limits)
-    ap.add_argument("--max-request-bytes", type=int, default=2_000_000, help="largest JSON request body (413 above)")
-    ap.add_argument("--max-stop", type=int, default=16, help="most stop strings per request")
-    ap.add_argument("--max-stop-chars", type=int, default=256, help="longest stop string")
-    ap.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA/SoRA rank an adapter may have")
-    ap.add_argument("--max-circuit-layers", type=int, default=64, help="deepest QAA circuit an adapter may have")
-    ap.add_argument("--max-prefix-tokens", type=int, default=128,
+    ap.add_argument("--max-request-bytes", metavar="N", type=number(int, 1), default=2_000_000,
+                    help="largest JSON request body (413 above)")
+    ap.add_argument("--max-stop", metavar="N", type=number(int, 0), default=16, help="most stop strings per request")
+    ap.add_argument("--max-stop-chars", metavar="N", type=number(int, 1), default=256, help="longest stop string")
+    ap.add_argument("--max-lora-rank", metavar="R", type=number(int, 1), default=64,
+                    help="largest LoRA/SoRA rank an adapter may have")
+    ap.add_argument("--max-circuit-layers", metavar="L", type=number(int, 1), default=64,
+                    help="deepest QAA circuit an adapter may have")
+    ap.add_argument("--max-prefix-tokens", metavar="N", type=number(int, 1), default=128,
                     help="most prefix-tuning virtual tokens (also bounded by --max-seq-len - 2)")
-    ap.add_argument("--lora-load-root", default=None,
+    ap.add_argument("--lora-load-root", default=None, metavar="DIR",
                     help="enable vLLM's /v1/load_lora_adapter for adapter directories under this directory")
-    ap.add_argument("--stall-seconds", type=float, default=60,
+    ap.add_argument("--stall-seconds", metavar="S", type=number(float, 0.001), default=60,
                     help="/health answers 503 when the scheduler has made no progress this long with work pending")
     ap.add_argument("--metrics-adapter-names", default="all", help="adapter ids vllm:lora_requests_info may show: "
                     "all, none, or comma-separated tenants (see server/metrics.py)")
     ap.add_argument("--ray", action="store_true", help="run on Ray Serve: an ingress and --replicas engine replicas")
-    ap.add_argument("--replicas", type=int, default=2, help="engine replicas with --ray")
-    return ap.parse_args(argv)
+    ap.add_argument("--replicas", type=number(int, 1), default=2, metavar="N", help="engine replicas with --ray")
+    ap.add_argument("--log-level", choices=LEVELS, default="info", help="lowest level logged (uvicorn's too)")
+    ap.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
+    ap.add_argument("--stats-interval", metavar="S", type=number(float, 0), default=10,
+                    help="seconds between stats lines while busy (0: none)")
+    args = ap.parse_args(argv)
+    if args.api_keys is None and not _loopback(args.host):  # build() checks it too, for its other callers
+        ap.error(f"without --api-keys the server is single-tenant and listens on loopback only; "
+                 f"{args.host} is not a loopback address")
+    return args
 
 
 def build(args, scheduler_thread: bool = True):
@@ -107,24 +123,61 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def listen_socket(host: str, port: int):
+    """The listening address, bound before the model loads (so a taken port fails in
+    milliseconds) and handed to uvicorn; SO_REUSEADDR as uvicorn sets it."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from server import logs
+
+    logs.setup(args.log_level, args.log_format)
     if args.ray:
         from server.ray_app import main as ray_main
 
         return ray_main(args)
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as e:
+        print(f"qaa-serve: error: cannot listen on {args.host}:{args.port} (--host/--port): "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
     from adapters.base import AdapterError
     from engine.errors import QaaError
 
     try:
+        logs.event(logs.log, "loading", model=args.model or "default", device=args.device)
         app = build(args, scheduler_thread=False)
     except (QaaError, AdapterError) as e:
+        sock.close()
         print(f"qaa-serve: error: {e}", file=sys.stderr)
         return 2
-    return serve(app, args)
+    s = app.state.s
+    host, port = sock.getsockname()[:2]
+    logs.event(logs.log, "startup", **logs.startup_summary(s, args, f"http://{_url_host(host)}:{port}"))
+    stats = logs.StatsReporter(s.scheduler, s.engine, s.residency, s.metrics, args.stats_interval).start()
+    try:
+        return serve(app, args, sock)
+    finally:
+        stats.stop()
 
 
-def serve(app, args) -> int:
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(app, args, sock=None) -> int:
     """uvicorn's event loop on a thread, the scheduler (the model) on the main thread.
 
     SIGTERM/SIGINT drain: the server takes no new requests (503, /health 503), running and
@@ -145,8 +198,8 @@ def serve(app, args) -> int:
             yield
 
     # open responses have had their final events by the time uvicorn is told to exit
-    server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=2))
+    server = ThreadedServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           log_config=None, timeout_graceful_shutdown=2))
     scheduler = app.state.s.scheduler
 
     def close_when_drained():
@@ -167,7 +220,7 @@ def serve(app, args) -> int:
 
     def http():
         try:
-            server.run()
+            server.run(sockets=[sock] if sock is not None else None)
         finally:  # whether it shut down cleanly or never started, the main loop ends too
             scheduler.stop(0 if not server.started else args.drain_seconds)
 

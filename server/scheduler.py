@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from engine.sampling import SamplingParams
 from engine.steps import Sequence, decode, prefill
+from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
 
@@ -63,6 +64,7 @@ class Request:
     cancelled: bool = False
     seq: Sequence | None = None
     handle: object = None
+    admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     released: bool = False
@@ -288,6 +290,7 @@ class Scheduler:
                 if self.faults is not None:
                     self.faults("admit", [r])
                 r.seq = self.engine.new_sequence(r.prompt_ids, r.params, r.handle)
+                r.admitted = time.perf_counter()
                 self.engine.admit(r.seq)
             except Exception as e:
                 self._drop_waiting(r)
@@ -355,6 +358,7 @@ class Scheduler:
         self._count(r, outcome)
 
     def _count(self, r: Request, outcome: str) -> None:
+        log_request(r, outcome)
         if self.metrics:
             self.metrics.requests.labels(outcome=outcome, adapter_type=r.adapter_type).inc()
 

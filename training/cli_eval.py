@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,20 +15,23 @@ def _errors():
 
 
 def eval_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qaa-eval", description="Score an adapter's greedy generations on held-out data.")
-    ap.add_argument("--adapter", default=None, help="adapter dir (or a full fine-tune's model dir); omit for the base model")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=None, help="write the JSON here (default: ADAPTER/eval.json, or stdout)")
+    from engine.cli_parser import Parser, number
+
+    ap = Parser("qaa-eval", description="Score an adapter's greedy generations on held-out data.")
+    ap.add_argument("--adapter", default=None, metavar="DIR",
+                    help="adapter dir (or a full fine-tune's model dir); omit for the base model")
+    ap.add_argument("--data", required=True, help="Alpaca JSON/JSONL; its held-out split is scored")
+    ap.add_argument("--n", type=number(int, 1), default=100, help="held-out examples to generate for and score")
+    ap.add_argument("--model", default=None, metavar="DIR", help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-new-tokens", type=number(int, 1), default=128, metavar="N", help="tokens generated per example at most")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--out", default=None, metavar="FILE", help="write the JSON here (default: ADAPTER/eval.json, or stdout)")
     ap.add_argument("--shots", default=None, metavar="N[,N...]",
                     help="QAA: also score with <Z> estimated from N shots (beside the exact circuit and the base model)")
     ap.add_argument("--noise", default=None, metavar="depolarizing:p[,...]",
                     help="QAA: also score with depolarizing noise p on every wire after each circuit layer")
     ap.add_argument("--seed", type=int, default=0, help="seeds the shot sampler")
-    ap.add_argument("--plot", default=None, help="with --shots/--noise: the plot's path (default: next to the JSON)")
+    ap.add_argument("--plot", default=None, metavar="FILE", help="with --shots/--noise: the plot's path (default: next to the JSON)")
     args = ap.parse_args(argv)
     if args.shots or args.noise:
         return _quantum_eval(args)
@@ -72,28 +74,28 @@ def _quantum_eval(args) -> int:
 
 
 def compare_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qaa-compare", description="Train and evaluate every method; write report.md.")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--methods", default="full,lora,sora,prefix,qaa")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n", type=int, default=100, help="held-out generations to score")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--device", default="auto")
+    from engine.cli_parser import Parser, number, one_of
+    from training.loop import METHODS
+
+    ap = Parser("qaa-compare", description="Train and evaluate every method; write report.md.")
+    ap.add_argument("--data", required=True, help="Alpaca JSON/JSONL: the training data and its held-out split")
+    ap.add_argument("--steps", type=number(int), default=100, metavar="N", help="training steps per method")
+    ap.add_argument("--methods", type=one_of("method", METHODS, many=True), default=",".join(METHODS), metavar="LIST",
+                    help="comma-separated, of " + ", ".join(METHODS))
+    ap.add_argument("--out", required=True, metavar="DIR", help="output directory (report.md, results.json, one run per method)")
+    ap.add_argument("--model", default=None, metavar="DIR", help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--batch-size", type=number(int), default=8, metavar="N", help="examples per training step")
+    ap.add_argument("--max-len", type=number(int), default=256, metavar="N", help="tokens per training example")
+    ap.add_argument("--seed", type=int, default=0, help="the seed every method trains with")
+    ap.add_argument("--n", type=number(int, 1), default=100, help="held-out generations to score")
+    ap.add_argument("--max-new-tokens", type=number(int, 1), default=128, metavar="N", help="tokens generated per example at most")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
     try:
-        from engine.errors import InputError
         from training.compare import compare
-        from training.loop import METHODS, TrainConfig
+        from training.loop import TrainConfig
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise InputError(f"unknown method {bad[0] if bad else '(none)'!r} (one of {', '.join(METHODS)})")
+        methods = args.methods
         base = TrainConfig(method=methods[0], data=args.data, out=args.out, model=args.model, steps=args.steps,
                            batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, device=args.device, quiet=True)
         report = compare(base, methods, args.out, n_eval=args.n, max_new_tokens=args.max_new_tokens,

@@ -11,7 +11,6 @@ state, so its gate counts are what any token costs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,15 +19,17 @@ FORMATS = ("qasm", "pennylane", "specs")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="qaa-export", description=__doc__)
-    ap.add_argument("--adapter", required=True, help="QAA adapter directory")
-    ap.add_argument("--format", required=True, choices=FORMATS)
+    from engine.cli_parser import Parser
+
+    ap = Parser("qaa-export", description=__doc__)
+    ap.add_argument("--adapter", required=True, metavar="DIR", help="QAA adapter directory")
+    ap.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
     ap.add_argument("--layer", type=int, default=None, help="transformer layer of the module (default: every module)")
     ap.add_argument("--where", default=None, choices=("attn", "mlp"), help="after attention or MLP (default: both)")
-    ap.add_argument("--model", default=None, help="base model directory (default: the default model)")
-    ap.add_argument("--input", default=None, help="JSON list of d numbers: the hidden vector to embed")
+    ap.add_argument("--model", default=None, metavar="DIR", help="base model directory (default: the default model)")
+    ap.add_argument("--input", default=None, metavar="FILE", help="JSON list of d numbers: the hidden vector to embed")
     ap.add_argument("--seed", type=int, default=0, help="seeds the stand-in input when --input is not given")
-    ap.add_argument("--out", default=None, help="qasm: a file (one module) or a directory; default stdout")
+    ap.add_argument("--out", default=None, metavar="PATH", help="qasm: a file (one module) or a directory; default stdout")
     return ap.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,11 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, timeout: float = 120, proc=None) -> None:
+def wait_ready(url: str, timeout: float = 120, proc=None, output=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {output()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -72,7 +73,8 @@ class ThreadServer:
 
 
 class ProcServer:
-    """`python -m server.cli` as a child process."""
+    """`python -m server.cli` as a child process. Its stdout and stderr go to a file (a pipe
+    nobody reads would stop the server once its logs fill the pipe); `output()` reads it."""
 
     def __init__(self, model, store, **kw):
         self.port = free_port()
@@ -81,9 +83,14 @@ class ProcServer:
 
     def __enter__(self):
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        wait_ready(self.url, proc=self.proc)
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_ready(self.url, proc=self.proc, output=self.output)
         return self
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def terminate(self, timeout=60) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -93,6 +100,7 @@ class ProcServer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def upload(url: str, adapter_id: str, files: dict[str, bytes], key: str | None = None) -> httpx.Response:
