@@ -181,7 +181,7 @@ def _limits(state: ServerState, ids: list[int], max_new: int, entry) -> None:
 
 
 async def _start(state: ServerState, p: Principal, adapter_id, ids, params: SamplingParams,
-                 fit: bool = False) -> GenRequest:
+                 fit: bool = False, request: Request | None = None, user: str | None = None) -> GenRequest:
     """Queue a generation. fit: max_new_tokens was not asked for, so it shrinks to the room
     the context leaves after the prompt (and a prefix adapter's virtual tokens)."""
     entry = resolve_adapter(state, p, adapter_id)
@@ -189,7 +189,8 @@ async def _start(state: ServerState, p: Principal, adapter_id, ids, params: Samp
         virtual = entry.virtual_tokens if entry is not None else 0
         params.max_new_tokens = max(1, min(params.max_new_tokens, state.engine.max_seq_len - len(ids) - virtual))
     _limits(state, ids, params.max_new_tokens, entry)
-    req = GenRequest(ids, params, entry, asyncio.get_running_loop())
+    req = GenRequest(ids, params, entry, asyncio.get_running_loop(), tenant=p.tenant, user=user,
+                     request_id=request.scope.get("state", {}).get("request_id") if request is not None else None)
     try:
         state.scheduler.submit(req)
     except (QueueFull, Draining) as e:

@@ -157,7 +157,8 @@ def log_request(r, outcome: str) -> None:
     def since(t):
         return None if t is None else round(t - r.arrived, 4)
 
-    event(request_log, "request", id=r.id, tenant=e.tenant if e else None, adapter=e.adapter_id if e else None,
+    event(request_log, "request", id=r.request_id or r.id, tenant=r.tenant or (e.tenant if e else None),
+          user=r.user, adapter=e.adapter_id if e else None,
           adapter_version=e.version if e else None, adapter_type=r.adapter_type,
           prompt_tokens=len(r.prompt_ids), generated_tokens=len(r.seq.out_ids) if r.seq is not None else 0,
           queue_s=since(admitted), ttft_s=since(r.first_token), e2e_s=round(now - r.arrived, 4), outcome=outcome)

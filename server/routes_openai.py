@@ -50,7 +50,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
                          logit_bias=bias, min_tokens=body.min_tokens, stop_token_ids=list(body.stop_token_ids or []),
                          logprobs=body.wanted_logprobs()), max_tokens is None
 
-    async def start_all(p, body, ids, params: SamplingParams, fit: bool):
+    async def start_all(p, body, ids, params: SamplingParams, fit: bool, request: Request):
         """The request's n (or best_of) generations, queued together."""
         k = max(body.n, body.best_of or 1)
         if k > 1 and body.stream and (body.best_of or 1) > body.n:
@@ -61,7 +61,8 @@ def register_openai_routes(app: FastAPI, state) -> None:
         try:
             for i in range(k):
                 seed = None if params.seed is None else (params.seed + i) % 2**64
-                reqs.append(await _start(state, p, body.model, ids, dataclasses.replace(params, seed=seed), fit))
+                reqs.append(await _start(state, p, body.model, ids, dataclasses.replace(params, seed=seed), fit,
+                                         request, body.user))
         except BaseException:
             for r in reqs:
                 state.scheduler.cancel(r)
@@ -75,7 +76,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
         params, fit = params_of(body, body.max_tokens)
         params = await constrained(body, params)
         ids = await _encode(state, prompt)
-        reqs = await start_all(p, body, ids, params, fit)
+        reqs = await start_all(p, body, ids, params, fit, request)
         echo = (prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(ids)) if body.echo else ""
         return await respond(reqs, request, body, chat=False, echo=echo)
 
@@ -85,7 +86,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
         params, fit = params_of(body, body.max_completion_tokens or body.max_tokens)
         params = await constrained(body, params)
         ids = await _encode(state, [m.for_template() for m in body.messages], chat=True)
-        reqs = await start_all(p, body, ids, params, fit)
+        reqs = await start_all(p, body, ids, params, fit, request)
         return await respond(reqs, request, body, chat=True)
 
     def token_str(t: int) -> str:

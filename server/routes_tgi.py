@@ -42,7 +42,7 @@ def register_tgi_routes(app: FastAPI, state) -> None:
         ids = await _encode(state, body.inputs)
         if q.truncate is not None:
             ids = ids[-q.truncate:]
-        return await _start(state, p, q.adapter_id, ids, params), q
+        return await _start(state, p, q.adapter_id, ids, params, request=request), q
 
     def final(req, q, events: list[Event], reason: str, prefix: str) -> dict:
         reason = {"stop": "eos_token", "length": "length"}.get(reason, reason)

@@ -68,6 +68,12 @@ class Request:
     first_token: float | None = None
     last_token: float | None = None
     released: bool = False
+    tenant: str | None = None
+    """Who sent it (for its log line; adapters carry their own tenant)."""
+    request_id: str | None = None
+    """The X-Request-Id it came with (or was given)."""
+    user: str | None = None
+    """OpenAI's end-user id, when the client sent one (recorded in the log line)."""
 
     @property
     def adapter_type(self) -> str:

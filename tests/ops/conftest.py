@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.server.harness import ProcServer, adapter_files, generate, upload
+from tests.server.harness import ProcServer, adapter_files, upload
 
 SECRETS = ("zebra-quartz-secret-prompt", "ostrich-nebula-secret-chat")
 """Prompt text the tenants send: no log line may contain it."""
@@ -39,11 +39,13 @@ def served(tiny_dir, tmp_path_factory):
     shape = Engine(tiny_dir, device="cpu", max_batch=1, max_adapters=1).shape
     with ProcServer(tiny_dir, tmp / "store", api_keys=keys, log_format="json", stats_interval=0.3) as s:
         assert upload(s.url, "my-lora", adapter_files(make(CASES[0], shape, seed=1)), key="sk-acme").status_code == 201
-        r = generate(s.url, SECRETS[0], key="sk-globex", max_new_tokens=12, ignore_eos=True)
+        r = httpx.post(s.url + "/generate", timeout=60, json={"inputs": SECRETS[0], "parameters": {
+            "max_new_tokens": 12, "ignore_eos": True}}, headers={"authorization": "Bearer sk-globex",
+                                                                  "x-request-id": "trace-base-1"})
         assert r.status_code == 200, r.text
         r = httpx.post(s.url + "/v1/chat/completions", headers={"authorization": "Bearer sk-acme"}, timeout=60,
                        json={"model": "my-lora", "messages": [{"role": "user", "content": SECRETS[1]}],
-                             "max_tokens": 9, "ignore_eos": True})
+                             "max_tokens": 9, "ignore_eos": True, "user": "end-user-7"})
         assert r.status_code == 200, r.text
         text = httpx.get(s.url + "/metrics").text
         deadline = time.monotonic() + 10  # until a stats line has counted both requests

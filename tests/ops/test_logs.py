@@ -48,10 +48,11 @@ def test_a_line_per_request_with_ids_sizes_timings_and_outcome(served):
         None, "base", len(SECRETS[0].encode()), 12, "length")  # the tiny tokenizer: one token per byte
     assert (lora["tenant"], lora["adapter"], lora["adapter_version"], lora["adapter_type"], lora["generated_tokens"],
             lora["outcome"]) == ("acme", served.adapter_id, 1, "lora", 9, "length")
+    # the X-Request-Id the client sent, or the one the server gave (and answered with)
+    assert base["id"] == "trace-base-1" and len(lora["id"]) == 32 and base["tenant"] == "globex"
+    assert (base["user"], lora["user"]) == (None, "end-user-7")  # OpenAI's end-user id, when sent
     for r in reqs:
-        assert isinstance(r["id"], int)
         assert 0 <= r["queue_s"] <= r["ttft_s"] <= r["e2e_s"] < 60, r
-    assert base["id"] != lora["id"]
 
 
 def test_a_stats_line_while_busy(served):

@@ -35,7 +35,7 @@ COVERED = {
     "stream": (API, "test_openai_client"), "stream_options": (API, "test_openai_client"),
     "include_usage": (API, "test_openai_client"),
     "stop": (ENGINE, "test_stop_string_ends_text_before_it"),
-    "user": (HOSTILE, "test_hostile_inputs_get_4xx_fast_and_hurt_no_other_tenant"),  # bounded; see README
+    "user": ("tests.ops.test_logs", "test_a_line_per_request_with_ids_sizes_timings_and_outcome"),  # logged
     "ignore_eos": (API, "test_openai_client"),
     "presence_penalty": (ENGINE, "test_presence_and_frequency_penalties_follow_openais_definition"),
     "frequency_penalty": (ENGINE, "test_presence_and_frequency_penalties_follow_openais_definition"),
