@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import AdapterError
+from engine.cli_parser import version
 from engine.sampling import SamplingParams
 from server.auth import Auth, Principal
 from server.errors import HTTPError, error, install_error_handlers, openapi_schema
@@ -50,7 +51,7 @@ class ServerState:
 
 
 def create_app(state: ServerState, lifespan=None) -> FastAPI:
-    app = FastAPI(title="qaa-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="qaa-serve", version=version(), lifespan=lifespan)
     app.state.s = state
     app.add_middleware(BodyLimit, limits=state.limits)
     app.add_middleware(RequestId)
