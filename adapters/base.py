@@ -97,6 +97,13 @@ class Capacity:
     max_virtual_tokens: int = 128
     """Most prefix-tuning virtual tokens (the prefix bank's width; must leave room in the context)."""
 
+    def within(self, max_seq_len: int) -> "Capacity":
+        """This capacity for a context of max_seq_len: a prefix must leave room for at least
+        one prompt token and one generated token."""
+        from dataclasses import replace
+
+        return replace(self, max_virtual_tokens=max(1, min(self.max_virtual_tokens, max_seq_len - 2)))
+
 
 def config_from_dict(cls, d: dict, ignore_if_default: dict | None = None):
     """Build a config dataclass from JSON: unknown fields and wrong types are errors.

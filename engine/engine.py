@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,9 +70,7 @@ class Engine:
         # normalisation may fold several characters into one), so it is refused before the
         # tokenizer spends time on it.
         self.max_prompt_chars = 4 * self.max_seq_len * self.tokenizer.max_token_chars
-        cap = capacity or Capacity()
-        # a prefix must leave room for at least one prompt token and one generated token
-        self.capacity = replace(cap, max_virtual_tokens=max(1, min(cap.max_virtual_tokens, self.max_seq_len - 2)))
+        self.capacity = (capacity or Capacity()).within(self.max_seq_len)
         self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype, self.capacity)
         self.load_seconds = time.perf_counter() - t0
 

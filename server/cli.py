@@ -64,12 +64,19 @@ def parse_args(argv=None):
     return args
 
 
+def capacity_of(args):
+    """What one adapter may demand, from qaa-serve's options."""
+    from adapters.base import Capacity
+
+    return Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
+                    max_virtual_tokens=args.max_prefix_tokens)
+
+
 def build(args, scheduler_thread: bool = True):
     """Everything but the HTTP listener: engine, store, residency, scheduler, app.
 
     scheduler_thread=True starts the scheduler on a thread when the app starts; False leaves
     it to the caller to run on the main thread (what `qaa-serve` does)."""
-    from adapters.base import Capacity
     from engine.engine import Engine
     from server.app import ServerState, create_app
     from server.auth import Auth
@@ -83,13 +90,10 @@ def build(args, scheduler_thread: bool = True):
     if not auth.enabled and not _loopback(args.host):
         raise SystemExit(f"qaa-serve: error: without --api-keys the server is single-tenant and listens on loopback "
                          f"only; {args.host} is not a loopback address")
-    capacity = Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
-                        max_virtual_tokens=args.max_prefix_tokens)
+    capacity = capacity_of(args)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
                     max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity)
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                    max_new_tokens=min(args.max_new_tokens, engine.max_seq_len - 1), max_stop=args.max_stop,
-                    max_stop_chars=args.max_stop_chars)
+    limits = Limits.from_args(args, engine.max_seq_len)
     names = args.metrics_adapter_names
     metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),
                       args.max_device_adapters)

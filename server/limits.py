@@ -25,6 +25,13 @@ class Limits:
     max_stop_chars: int = 256
     """Longest stop string."""
 
+    @classmethod
+    def from_args(cls, args, max_seq_len: int) -> "Limits":
+        """qaa-serve's options (server/cli.py) for a context of max_seq_len."""
+        return cls(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                   max_new_tokens=min(args.max_new_tokens, max_seq_len - 1), max_stop=args.max_stop,
+                   max_stop_chars=args.max_stop_chars)
+
     def body_limit(self, method: str, path: str) -> int:
         # an upload carries the adapter's files plus multipart framing and the (small) config
         if method == "PUT" and path.startswith("/v1/adapters/"):

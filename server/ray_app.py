@@ -197,8 +197,8 @@ class _TokenizerOnly:
     def __init__(self, args):
         import torch
 
-        from adapters.base import Capacity
         from engine.config import ModelConfig
+        from server.cli import capacity_of
         from engine.engine import Engine, pick_device, pick_dtype
         from engine.tokenizer import Tokenizer
         from engine.weights import resolve_model_dir
@@ -209,11 +209,11 @@ class _TokenizerOnly:
         self.shape = self.cfg.shape()
         self.max_seq_len = min(args.max_seq_len, self.cfg.max_position)
         self.max_prompt_chars = 4 * self.max_seq_len * self.tokenizer.max_token_chars  # as Engine's
-        self.capacity = Capacity(max_rank=args.max_lora_rank, max_circuit_layers=args.max_circuit_layers,
-                                 max_virtual_tokens=max(1, min(args.max_prefix_tokens, self.max_seq_len - 2)))
+        self.capacity = capacity_of(args).within(self.max_seq_len)
         self.device = pick_device(args.device) if args.device != "auto" else torch.device("cpu")
         self.dtype = pick_dtype(args.dtype, self.device)
         self._engine = Engine
+        self.grammars = _NoGrammars()
 
     @property
     def name(self) -> str:
@@ -221,6 +221,17 @@ class _TokenizerOnly:
 
     def encode_prompt(self, prompt, chat: bool = False) -> list[int]:
         return self._engine.encode_prompt(self, prompt, chat)
+
+
+class _NoGrammars:
+    """Constrained decoding needs the compiled grammar beside the engine that decodes; through
+    the Ray ingress it is refused by name (400) rather than failing inside a replica."""
+
+    def json(self, schema=None):
+        from engine.errors import InputError
+
+        raise InputError("response_format / grammar (constrained decoding) is not served through the Ray "
+                         "ingress yet; send it to a qaa-serve replica directly")
 
 
 @serve.deployment(name="Ingress")
@@ -236,9 +247,7 @@ class Ingress:
 
         args = parse_args(argv)
         tok = _TokenizerOnly(args)
-        limits = Limits(max_request_bytes=args.max_request_bytes, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                        max_new_tokens=min(args.max_new_tokens, tok.max_seq_len - 1), max_stop=args.max_stop,
-                        max_stop_chars=args.max_stop_chars)
+        limits = Limits.from_args(args, tok.max_seq_len)
         store = Store(args.adapter_dir, tok.shape, max_bytes=limits.max_upload_bytes, capacity=tok.capacity,
                       refresh_seconds=refresh_seconds)
         fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, args.stall_seconds)

@@ -155,3 +155,9 @@ def test_killing_a_replica_mid_load_loses_no_adapter(fleet, local):
         r = gen(fleet, n, "after the kill", 6)
         assert r.status_code == 200 and r.headers[REPLICA_HEADER] != victim_name
         assert r.json()["generated_text"] == alone(local, ads[n], "after the kill", 6)
+
+
+def test_constrained_decoding_is_refused_by_name_through_the_ingress(fleet):
+    r = httpx.post(f"{fleet}/v1/completions", timeout=60, json={
+        "model": "tgi", "prompt": "x", "max_tokens": 4, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "Ray" in r.json()["error"]["message"]
