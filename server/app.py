@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from adapters.base import AdapterError
 from engine.cli_parser import version
 from engine.sampling import SamplingParams
 from server.auth import Auth, Principal
-from server.errors import HTTPError, error, install_error_handlers, openapi_schema
+from server.errors import ERROR_TYPES, HTTPError, error, install_error_handlers, openapi_schema
 from server.limits import BodyLimit, Limits
 from server.request_id import RequestId
 from server.scheduler import Draining, Event, QueueFull, Request as GenRequest, Scheduler
@@ -202,17 +201,25 @@ async def _start(state: ServerState, p: Principal, adapter_id, ids, params: Samp
     return req
 
 
-async def _events(state: ServerState, req: GenRequest):
-    """The request's events until done; a consumer that stops early (disconnect) cancels it."""
-    ended = False
+async def _events(state: ServerState, reqs: list[GenRequest]):
+    """(index, event) of one or several generations as their events come, until each is done
+    (or one fails); a consumer that stops early (the client went away) cancels the rest."""
+    gets = {asyncio.ensure_future(r.queue.get()): i for i, r in enumerate(reqs)}
     try:
-        while not ended:
-            ev: Event = await req.queue.get()
-            ended = ev.kind in ("done", "error")
-            yield ev
+        while gets:
+            done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=gets.get):
+                i = gets.pop(fut)
+                ev = fut.result()
+                yield i, ev
+                if ev.kind == "error":
+                    return
+                if ev.kind == "token":
+                    gets[asyncio.ensure_future(reqs[i].queue.get())] = i
     finally:
-        if not ended:
-            state.scheduler.cancel(req)
+        for fut, i in gets.items():  # what is still waiting for events has not ended
+            fut.cancel()
+            state.scheduler.cancel(reqs[i])
 
 
 async def _collect(state: ServerState, req: GenRequest, request: Request) -> tuple[list[Event], str]:
@@ -235,7 +242,7 @@ async def _collect(state: ServerState, req: GenRequest, request: Request) -> tup
 
 
 def _event_error_type(ev: Event) -> str:
-    return {503: "unavailable", 422: "validation"}.get(ev.status, "generation")
+    return ERROR_TYPES.get(ev.status, "generation")
 
 
 def _sse(obj) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 import uuid
 
@@ -23,7 +22,7 @@ from server.scheduler import Event
 
 def register_openai_routes(app: FastAPI, state) -> None:
     from server.app import (
-        HTTPError, _collect, _encode, _event_error_type, _principal, _sampling, _start, _with_grammar,
+        HTTPError, _collect, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
     )
 
     async def constrained(body, params: SamplingParams) -> SamplingParams:
@@ -140,17 +139,17 @@ def register_openai_routes(app: FastAPI, state) -> None:
         chunk_obj = obj + ".chunk" if chat else obj
 
         def chunk(choices, **kw):
-            return f"data: {json.dumps({'id': rid, 'object': chunk_obj, 'created': created, 'model': model, 'choices': choices, **kw})}\n\n"
+            return _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": choices, **kw})
 
         async def events():
             first, used = [True] * len(reqs), 0
             if echo:
                 yield chunk([{"index": i, "text": echo, "finish_reason": None, "logprobs": None}
                              for i in range(len(reqs))], **extra)
-            async for i, ev in merged(reqs):
+            async for i, ev in _events(state, reqs):
                 used += ev.kind == "token"
                 if ev.kind == "error":  # the final event says why; clients stop at [DONE]
-                    yield f"data: {json.dumps({'error': {'message': ev.message, 'type': _event_error_type(ev), 'code': ev.status}})}\n\n"
+                    yield _sse({"error": {"message": ev.message, "type": _event_error_type(ev), "code": ev.status}})
                     yield "data: [DONE]\n\n"
                     return
                 reason = ev.finish_reason if ev.kind == "done" else None
@@ -171,24 +170,3 @@ def register_openai_routes(app: FastAPI, state) -> None:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-    async def merged(reqs):
-        """(index, event) of several generations as they come; a consumer that stops early
-        (the client went away) cancels every one still running."""
-        gets = {asyncio.ensure_future(r.queue.get()): i for i, r in enumerate(reqs)}
-        try:
-            while gets:
-                done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
-                for fut in sorted(done, key=gets.get):
-                    i = gets.pop(fut)
-                    ev = fut.result()
-                    yield i, ev
-                    if ev.kind == "error":
-                        return
-                    if ev.kind == "token":
-                        gets[asyncio.ensure_future(reqs[i].queue.get())] = i
-        finally:
-            for fut in gets:
-                fut.cancel()
-            for i, r in enumerate(reqs):
-                state.scheduler.cancel(r)  # a no-op for a finished request

@@ -82,7 +82,7 @@ def register_tgi_routes(app: FastAPI, state) -> None:
 
         async def events():
             held = None  # the last token waits: TGI's final event is the last token's
-            async for ev in _events(state, req):
+            async for _, ev in _events(state, [req]):
                 if ev.kind == "error":
                     if held is not None:
                         yield event(held, None)
