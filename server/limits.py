@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 
+from server.errors import error
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -53,8 +55,6 @@ class BodyLimit:
         limit = self.limits.body_limit(scope["method"], scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            from server.errors import error
-
             response = (error(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
                               path=scope["path"], headers={"connection": "close"}) if length.isdigit()
                         else error(400, "content-length is not a number", path=scope["path"]))

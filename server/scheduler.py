@@ -19,6 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from adapters.base import AdapterError
+from engine.errors import QaaError
 from engine.sampling import SamplingParams
 from engine.steps import Sequence, decode, prefill
 from server.logs import log_request
@@ -342,7 +344,7 @@ class Scheduler:
         """End one request with an error event that names what failed; free what it holds."""
         if r.seq is not None and r.seq.finish_reason is None:
             r.seq.finish_reason = "error"
-        bad_input = isinstance(e, ValueError)  # QaaError, AdapterError: the request's or adapter's fault
+        bad_input = isinstance(e, (QaaError, AdapterError))  # the request's or its adapter's fault
         if not bad_input:
             log.warning("request %s failed in %s: %r", r.id, stage, e)
         r.emit(Event("error", message=f"{stage} failed: {e}", status=422 if bad_input else 500))
