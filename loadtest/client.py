@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -35,6 +35,8 @@ class Record:
     """Tokens the server reports generating (usage), else the chunks counted."""
     error: str | None = None
     """None, or the kind: http_<status>[_<error_type>], timeout, connect, disconnected, stream_error."""
+    itl: list[float] = field(default_factory=list)
+    """Inter-token latencies: the gaps between consecutive token chunks of the stream (vLLM's ITL)."""
 
     @property
     def ok(self) -> bool:
@@ -145,7 +147,11 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, rec
                     return rec
                 if msg.get("choices"):
                     now = time.perf_counter() - t0
-                    rec.first_token = now if rec.first_token is None else rec.first_token
+                    if rec.first_token is None:
+                        rec.first_token = now
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
                     chunks += 1
                 if msg.get("usage"):
                     usage = msg["usage"]
