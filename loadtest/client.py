@@ -36,7 +36,8 @@ class Record:
     error: str | None = None
     """None, or the kind: http_<status>[_<error_type>], timeout, connect, disconnected, stream_error."""
     itl: list[float] = field(default_factory=list)
-    """Inter-token latencies: the gaps between consecutive token chunks of the stream (vLLM's ITL)."""
+    """Inter-token latencies: the gaps between consecutive chunks of the stream (vLLM's ITL; a
+    token whose text is incomplete, such as part of a UTF-8 character, rides with the next)."""
 
     @property
     def ok(self) -> bool:
