@@ -42,6 +42,8 @@ class Sequence:
     """What ended the sequence when finish_reason is 'error'."""
     logprobs: list = field(default_factory=list)
     """With params.logprobs: per generated token, (its logprob, [(id, logprob)] of the top ones)."""
+    prompt_logprobs: list = field(default_factory=list)
+    """With params.prompt_logprobs: per prompt token, as `logprobs` (None for the first token)."""
     adapter: object = None
     """The adapter's Handle (name, kind, slot), or None for the base model."""
 
@@ -186,6 +188,7 @@ def step(model, cache: KVCache, work: list[tuple[Sequence, int]], seams_for) -> 
     h = model.hidden(torch.tensor(tokens, device=dev)[:, None], layout.pos[:, None], cache,
                      seams=seams_for(owners), layout=layout)  # (N, 1, d)
     logits = model.lm_head(h[torch.tensor(pick, device=dev), 0]) if pick else None  # (K, V)
+    scored = _prompt_logprobs(model, h, dec, pre)
     for s, n in pre:  # the chunks are in the cache now
         s.prefilled += n
     try:
@@ -194,8 +197,33 @@ def step(model, cache: KVCache, work: list[tuple[Sequence, int]], seams_for) -> 
         for s, n in pre:  # nothing sampled: the step may be run again as it was
             s.prefilled -= n
         raise
+    for s, entries in scored:
+        s.prompt_logprobs += entries
     out = dict(zip(map(id, sampled), texts))
     return [out.get(id(s)) for s, _ in work]
+
+
+def _prompt_logprobs(model, h, dec, pre) -> list[tuple[Sequence, list]]:
+    """For the chunks whose sequence asked: each chunk token's logits score the prompt token
+    after it (the last prompt token's score the first output, which is not a prompt token).
+    h (N, 1, d) is the step's hidden states, decode tokens first, then the chunks in order."""
+    out, at = [], len(dec)
+    for s, n in pre:
+        if s.params.prompt_logprobs:
+            a = s.prefilled
+            m = min(n, len(s.prompt_ids) - 1 - a)  # tokens here whose next token is in the prompt
+            entries = [None] if a == 0 else []
+            if m > 0:
+                lp = model.lm_head(h[at : at + m, 0]).float().log_softmax(-1)  # (m, V)
+                nxt = torch.tensor(s.prompt_ids[a + 1 : a + 1 + m], device=lp.device)
+                chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+                k = min(s.params.logprobs or 0, lp.shape[-1])
+                top = lp.topk(k) if k else None
+                for j in range(m):
+                    entries.append((chosen[j], list(zip(top.indices[j].tolist(), top.values[j].tolist())) if k else []))
+            out.append((s, entries))
+        at += n
+    return out
 
 
 def prefill(model, cache: KVCache, seqs: list[Sequence], seams_for) -> list[str]:

@@ -99,3 +99,38 @@ def test_layout_reads_decode_rows_as_a_view_when_it_can():
     assert lay.rows.tolist() == [4, 2, 3, 3, 3, 3] and lay.pos.tolist() == [5, 7, 0, 1, 2, 3]
     (sp,) = mixed([(0, 1), (9, 1)], [], "cpu").spans
     assert sp.first is None and sp.slots.tolist() == [0, 9]
+
+
+@pytest.mark.parametrize("chunk", [4, None], ids=["in-chunks", "whole"])
+@pytest.mark.parametrize("case", [None, "prefix", "qaa-rx"])
+def test_prompt_logprobs_are_the_models_log_softmax_at_each_prompt_token(engine, case, chunk):
+    """Each prompt token after the first gets log p(token | the tokens before it) and the top 3
+    at its place, from the full forward's fp32 log-softmax; the first token gets none."""
+    c = next((c for c in CASES if c.name == case), None)
+    ad = make(c, engine.shape, seed=5) if c else None
+    if ad is not None:
+        engine.load_adapter("p", ad)
+    prompt = torch.randint(3, 250, (15,), generator=torch.Generator().manual_seed(2)).tolist()
+    s = engine.new_sequence(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=3, prompt_logprobs=True),
+                            "p" if ad is not None else None)
+    other = engine.new_sequence([7, 8, 9], SamplingParams(max_new_tokens=4, ignore_eos=True))  # a decode row beside
+    try:
+        engine.admit(s)
+        engine.admit(other)
+        steps.prefill(engine.model, engine.cache, [other], engine.seams_for)
+        while s.prefilling:
+            n = min(chunk or len(prompt), len(prompt) - s.prefilled)
+            steps.step(engine.model, engine.cache, [(other, 1), (s, n)], engine.seams_for)
+    finally:
+        engine.cache.free(s.slot)
+        engine.cache.free(other.slot)
+        if ad is not None:
+            engine.adapters.unload("p")
+    ref = _reference(engine, ad, prompt).float().log_softmax(-1)  # (T, V)
+    assert len(s.prompt_logprobs) == len(prompt) and s.prompt_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        lp, top = s.prompt_logprobs[i]
+        assert lp == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+        want = ref[i - 1].topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-4)
