@@ -180,8 +180,6 @@ class CompletionRequest(_OpenAIBase):
     def _consistent(self):
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError("best_of must be >= n")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
         return self
 
     def wanted_logprobs(self) -> int | None:

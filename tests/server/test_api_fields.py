@@ -191,6 +191,40 @@ def test_echo_returns_the_prompt_first(srv, client):
     assert streamed == echoed
 
 
+def test_echo_with_logprobs_scores_the_prompt_tokens(srv, client, tiny_dir):
+    """OpenAI's legacy completions: with echo and logprobs, the logprobs cover the prompt's
+    tokens first (the first without a logprob), each log p(token | the ones before) from the
+    model's fp32 log-softmax, then the generated tokens as without echo; streamed, the echo
+    chunk carries the prompt's part."""
+    import torch
+
+    from engine.engine import Engine
+
+    m, prompt = srv.state.model_name, "Score my tokens"
+    local = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=64)
+    ids = local.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = local.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    plain = client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, **GREEDY).choices[0]
+    out = client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, echo=True, **GREEDY).choices[0]
+    lp, L = out.logprobs, len(ids)
+    assert out.text == prompt + plain.text
+    assert lp.tokens[:L] == [local.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, L):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        # keyed by text, as OpenAI's: two tokens of one text (byte pieces) share a key
+        assert 1 <= len(lp.top_logprobs[i]) <= 2 and max(lp.top_logprobs[i].values()) == pytest.approx(
+            ref[i - 1].max().item(), abs=1e-4)
+    assert lp.tokens[L:] == plain.logprobs.tokens
+    assert lp.token_logprobs[L:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+    chunks = list(client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, echo=True, stream=True,
+                                            **GREEDY))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:L], abs=1e-6)
+    assert "".join(c.choices[0].text for c in chunks) == out.text
+
+
 def test_vllm_runtime_lora_loading_only_under_its_root(tiny_dir, tmp_path, srv):
     from adapters.files import save_dir
 

@@ -45,7 +45,8 @@ COVERED = {
     "stop_token_ids": (ENGINE, "test_logit_bias_bans_a_token_and_min_tokens_holds_back_eos"),
     "logprobs": (FIELDS, "test_logprobs_are_the_log_softmax_of_the_models_logits"),
     "top_logprobs": (FIELDS, "test_chat_logprobs_and_top_logprobs"),
-    "echo": (FIELDS, "test_echo_returns_the_prompt_first"),
+    "echo": (FIELDS, "test_echo_returns_the_prompt_first"),  # with logprobs:
+    # test_echo_with_logprobs_scores_the_prompt_tokens
     "role": (FIELDS, "test_content_parts_and_roles"), "content": (FIELDS, "test_content_parts_and_roles"),
     "name": (FIELDS, "test_content_parts_and_roles"), "tool_call_id": (FIELDS, "test_content_parts_and_roles"),
     "type": (FIELDS, "test_content_parts_and_roles"), "text": (FIELDS, "test_content_parts_and_roles"),
