@@ -237,16 +237,20 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def hidden(self, tokens, pos, cache=None, rows=None, seams=None):
+    def hidden(self, tokens, pos, cache=None, rows=None, seams=None, length=None):
         """Final-norm hidden states (B, T, d) for tokens (B, T) at positions pos (B, T).
 
         With a cache, row b reads and writes the cache slot rows[b]; keys at cache index j are
         visible to a query at position p when j <= p, so rows of different lengths (and
         right-padding, whose garbage lies beyond every real query) share one forward.
+        `length` (> every position) is how many cache positions the attention reads; by
+        default max(pos) + 1, which costs a device->host sync that a captured step must not do.
         """
         h = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, h.dtype)
-        mask = self.mask(pos, int(pos.max()) + 1 if cache is not None else None)
+        if cache is not None and length is None:
+            length = int(pos.max()) + 1
+        mask = self.mask(pos, length if cache is not None else None)
         for block in self.model.layers:
             h = block(h, cos, sin, pos, mask, cache, rows, seams)
         return self.model.norm(h)
@@ -264,12 +268,13 @@ class Transformer(nn.Module):
             mask &= key_pos > q_pos - self.cfg.sliding_window
         return mask[:, None]
 
-    def forward(self, tokens, pos=None, cache=None, rows=None, seams=None, last=None):
-        """Logits (B, T, V), or (B, V) at index last[b] of each row when `last` is given."""
+    def forward(self, tokens, pos=None, cache=None, rows=None, seams=None, last=None, length=None):
+        """Logits (B, T, V), or (B, V) at index last[b] of each row when `last` is given;
+        `length` as in `hidden`."""
         if pos is None:  # a prefix adapter's virtual tokens take the first positions
             start = seams.offset if seams is not None else 0
             pos = (torch.arange(tokens.shape[1], device=tokens.device) + start).expand(tokens.shape[0], -1)
-        h = self.hidden(tokens, pos, cache, rows, seams)
+        h = self.hidden(tokens, pos, cache, rows, seams, length)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
         return self.lm_head(h)

@@ -32,6 +32,9 @@ def parse_args(argv=None):
                     help="JSON file: key -> tenant (see server/auth.py); without it: single tenant, loopback only")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a static-shape step compiled by torch.compile (CUDA graphs on a GPU); "
+                         "compiles every batch and length bucket at start")
     ap.add_argument("--drain-seconds", metavar="S", type=number(float, 0), default=30,
                     help="on SIGTERM, how long running requests may finish")
     # what one tenant's request or adapter may demand (see README: Limits)
@@ -92,7 +95,8 @@ def build(args, scheduler_thread: bool = True):
                          f"only; {args.host} is not a loopback address")
     capacity = capacity_of(args)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
-                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity)
+                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity,
+                    compile=args.compile)
     limits = Limits.from_args(args, engine.max_seq_len)
     names = args.metrics_adapter_names
     metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from adapters.base import AdapterError
 from engine.errors import QaaError
 from engine.sampling import SamplingParams
-from engine.steps import Sequence, decode, prefill
+from engine.steps import Sequence, prefill
 from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
@@ -242,7 +242,7 @@ class Scheduler:
         if admitted:
             admitted = self._run("prefill", admitted, prefill)
         if self.running:
-            self.running = self._run("decode", self.running, decode)
+            self.running = self._run("decode", self.running, self.engine.decode_step)  # eager, or captured (--compile)
         ran = bool(admitted or self.running)
         self.running = [r for r in self.running + admitted if not r.seq.finished]
         return ran
