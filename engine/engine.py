@@ -15,7 +15,7 @@ from engine.errors import InputError, QaaError
 from engine.graph import GraphConfig, GraphDecoder
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
-from engine.steps import Sequence, decode, prefill
+from engine.steps import Sequence, prefill, step
 from engine.tokenizer import Tokenizer
 from engine.weights import resolve_model_dir, load_model
 
@@ -74,12 +74,13 @@ class Engine:
         self.capacity = (capacity or Capacity()).within(self.max_seq_len)
         self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype, self.capacity)
         self.graph = None
-        self.decode_step = decode
-        """The decode step schedulers call: engine.steps.decode, or the captured one (`compile`)."""
+        self.step = step
+        """The step schedulers call (engine.steps.step's contract): that one, or with `compile`
+        the captured decode step for steps that only decode (engine.graph)."""
         if compile:
             cfg = compile if isinstance(compile, GraphConfig) else GraphConfig()
             self.graph = GraphDecoder(self.model, self.cache, self.adapters, cfg)
-            self.decode_step = self.graph.decode
+            self.step = self.graph.step
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -145,7 +146,7 @@ class Engine:
         for s in seqs:
             self.admit(s)
         try:
-            prefill(self.model, self.cache, seqs, self.seams_for(seqs))
+            prefill(self.model, self.cache, seqs, self.seams_for)
             running = seqs
             while True:
                 done = [s for s in running if s.finished]
@@ -156,7 +157,7 @@ class Engine:
                     running = self.compact([s for s in running if not s.finished])
                 if not running:
                     break
-                self.decode_step(self.model, self.cache, running, self.seams_for(running))
+                self.step(self.model, self.cache, [(s, 1) for s in running], self.seams_for)
         finally:
             for s in seqs:
                 if s.slot >= 0:
