@@ -10,7 +10,8 @@ Two readings per side, from the same runs:
 Runs alternate, and the best of --repeats is kept for each, so a noisy neighbour hurts both.
 With --compile, a second engine decodes through the captured step (engine.graph; its
 compile and warm-up happen before timing) and is timed in the same rotation: its ratio is
-compiled / eager. --compile-backend and --dynamic pass to engine.graph.GraphConfig.
+compiled / eager. --compile-backend and --static (one graph per bucket instead of automatic
+dynamic shapes) pass to engine.graph.GraphConfig.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="engine only (e.g. large batches on a GPU)")
     ap.add_argument("--compile", action="store_true", help="also time the captured decode step (engine.graph)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend; 'none': CUDA graphs only")
-    ap.add_argument("--dynamic", action="store_true", help="compile with symbolic batch and length")
+    ap.add_argument("--static", action="store_true", help="compile one graph per bucket (GraphConfig.dynamic=False)")
     ap.add_argument("--step-lengths", default=None, help="with --compile: time one step at these cache lengths")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,9 +120,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         backend = None if args.compile_backend == "none" else args.compile_backend
         lengths = sorted(int(n) for n in args.step_lengths.split(",")) if args.step_lengths else []
-        sides["compiled"] = make(GraphConfig(backend=backend, dynamic=args.dynamic, min_length=min(lengths, default=128)))
-        print(f"compiled: backend={backend} dynamic={args.dynamic} batch buckets={sides['compiled'].graph.batches} "
-              f"length buckets={sides['compiled'].graph.lengths} built and warmed up in {time.perf_counter() - t0:.1f} s")
+        cfg = GraphConfig(backend=backend, dynamic=False if args.static else None, min_length=min(lengths, default=128))
+        sides["compiled"] = make(cfg)
+        from torch._dynamo.utils import counters
+
+        print(f"compiled: {sides['compiled'].graph.describe()}; {counters['stats']['unique_graphs']} graphs compiled and "
+              f"every bucket run in {time.perf_counter() - t0:.1f} s")
     ref = tok = None
     if not args.no_hf:
         ref = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()

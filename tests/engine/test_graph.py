@@ -63,11 +63,11 @@ def lockstep(eager, compiled, names, n_steps, seed=0, fixed=None, atol=1e-4):
         if admitted:  # prefill is eager on both sides: the same computation, the same first tokens
             for e, k in ((eager, 0), (compiled, 1)):
                 seqs = [p[k] for p in admitted]
-                steps.prefill(e.model, e.cache, seqs, e.seams_for(seqs))
+                steps.prefill(e.model, e.cache, seqs, e.seams_for)
             assert [p[0].out_ids for p in admitted] == [p[1].out_ids for p in admitted]
         if running:
             seqs_e, seqs_c = [p[0] for p in running], [p[1] for p in running]
-            assert compiled.graph.serves(seqs_c)
+            assert compiled.graph.serves(seqs_c)  # rows in slots 0..B-1, as the scheduler keeps them
             with torch.inference_mode():
                 ref = eager.model(torch.tensor([[s.out_ids[-1]] for s in seqs_e]), torch.tensor([[s.pos] for s in seqs_e]),
                                   eager.cache, torch.tensor([s.slot for s in seqs_e]), eager.seams_for(seqs_e))[:, 0]
