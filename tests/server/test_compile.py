@@ -29,6 +29,7 @@ def test_requests_through_the_captured_step_get_what_they_get_alone(tiny_dir, tm
                                 zip(prompts, names)))
         graph = s.state.engine.graph
         assert graph.steps and graph.fallbacks == 0
+        assert "no torch.compile" in graph.describe()
     for r, p, name in zip(got, prompts, names):
         assert r.status_code == 200, r.text
         alone = local.generate([p], SamplingParams(**params), adapters=[name])[0].text
