@@ -217,6 +217,18 @@ def expectations(h: torch.Tensor, compiled, rotation: str, n: int, L: int, with_
     return out if with_one else out[..., :n]
 
 
+def prepare(n: int, d: int, rotation: str, L: int, device) -> None:
+    """Build every constant `expectations` uses for d-dimensional states on this circuit
+    shape now, so that a traced call (torch.compile) finds them all and only reads the cache
+    (a miss while tracing would put the cache's contents in the compiled step's guards)."""
+    p = plan(n, device)
+    if rotation == "RX":
+        compiled = torch.zeros(2, 2**n, device=device)
+    else:
+        compiled = (torch.zeros(L, 2**p.a, 2**p.a, device=device), torch.zeros(L, 2 ** (n - p.a), 2 ** (n - p.a), device=device))
+    expectations(torch.ones(1, d, device=device), compiled, rotation, n, L, with_one=True)
+
+
 def probabilities(h: torch.Tensor, compiled, rotation: str, n: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The circuit's output distribution for hidden states h (..., d): (probs (..., 2^n)
     summing to 1 over basis indices before the last ring permutations, readout (2^n, n)),

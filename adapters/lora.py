@@ -254,6 +254,9 @@ class LoraBank:
     slot or the composition changes, because decode steps repeat the same batch composition.
     Up to cpu_kernels.MAX_TOKENS fp32 tokens on the CPU go through the fused kernel instead:
     one call per module, reading the slots directly, adding into y in place.
+
+    `linear_static` is the same loop for a captured step (engine.graph): every row, every
+    module the bank holds, the first `width` ranks; no host-side routing.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device, dtype, max_rank: int = 64):
@@ -262,6 +265,8 @@ class LoraBank:
         self.ranks: dict[tuple[int, str], list[int]] = {}  # module -> rank held by each slot (0 = none)
         self.rank_t: dict[tuple[int, str], torch.Tensor] = {}  # the same as (S,) int64 tensors, for the kernel
         self.gathered: dict = {}  # module -> (slots of the rows, (A, Bt) gathered for them)
+        self.width = 0  # ranks linear_static reads: a power of two >= every rank loaded so far
+        self.layout = 0  # bumped when the module set or width changes (a captured step's shapes)
 
     def _mod(self, key):
         if key not in self.mods:
@@ -270,6 +275,7 @@ class LoraBank:
                               torch.zeros(self.S, self.max_rank, o, device=self.device, dtype=self.dtype))
             self.ranks[key] = [0] * self.S
             self.rank_t[key] = torch.zeros(self.S, dtype=torch.int64)
+            self.layout += 1
         return self.mods[key]
 
     def load(self, slot: int, compiled: dict) -> None:
@@ -279,6 +285,10 @@ class LoraBank:
             if A.shape[0] > self.max_rank:
                 raise AdapterError(f"rank {A.shape[0]} exceeds this server's max LoRA rank {self.max_rank}")
         self.clear(slot)
+        r_top = max((A.shape[0] for A, _ in compiled.values()), default=0)
+        if r_top > self.width:  # only grows, so a server's captured shapes settle
+            self.width = min(self.max_rank, 1 << (r_top - 1).bit_length())
+            self.layout += 1
         for key, (A, B) in compiled.items():
             bA, bBt = self._mod(key)
             r = A.shape[0]
@@ -323,6 +333,20 @@ class LoraBank:
         d = torch.bmm(torch.bmm(xs, g[0]), g[1])  # (B', T, r) -> (B', T, out)
         # in place: y is the base output (or its q/k/v slice), fresh each forward
         return y.add_(d) if rows is None else y.index_add_(0, rows, d)
+
+
+    def linear_static(self, layer, name, x, y, slots):
+        """Capture-safe `linear` (no host syncs, shapes fixed by the bank's layout): for every
+        row b, y[b] + x[b] @ A[slots[b]].T @ B[slots[b]].T, as a gather of each row's slot
+        and two batched matmuls. Slot 0 and ranks past a slot's own are zeros, so rows
+        without this module get y exactly. x (B, T, in), y (B, T, out), slots (B,) int64."""
+        mod = self.mods.get((layer, name))
+        if mod is None:
+            return y
+        A, Bt = mod
+        a = A[:, : self.width].index_select(0, slots)  # (B, w, in)
+        b = Bt[:, : self.width].index_select(0, slots)  # (B, w, out)
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
 
 
 class _Route:

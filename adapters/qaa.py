@@ -17,7 +17,7 @@ import torch
 
 from adapters import cpu_kernels
 from adapters.base import PEFT_PREFIX, AdapterError, BaseShape, Capacity, check_positive_int, config_from_dict, layers_of, n_qubits
-from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations
+from adapters.circuit import ROTATIONS, circuit_z, circuit_z_shift, compile_circuit, expectations, prepare
 from adapters.emulation import Emulation, make_emulation, noisy_observables, noisy_z, shot_z
 from adapters.registry import AdapterType, register
 
@@ -191,6 +191,9 @@ class QAABank:
     A slot loaded with an emulation (config qaa_shots / qaa_noise) replaces Z(h[b]; circuit[s])
     by its shot estimate (drawn from the slot's own seeded generator) or its noisy
     expectation; its rows form their own group per module, so exact rows never pay for it.
+
+    `residual_static` is the exact loop for a captured step (engine.graph): every row through
+    every module and variant the bank holds; emulated slots are not served by it.
     """
 
     def __init__(self, shape: BaseShape, max_slots: int, device):
@@ -200,6 +203,7 @@ class QAABank:
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
         self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
         self.emulated: dict[int, tuple] = {}  # slot -> (Emulation, generator, {(layer, where): noisy obs})
+        self.layout = 0  # bumped when a (module, variant) is added (a captured step's shapes)
 
     def load(self, slot: int, compiled) -> None:
         per_module, variant, emulated = compiled
@@ -210,6 +214,8 @@ class QAABank:
             k = (layer, w, variant)
             if k not in self.mods:
                 self.mods[k] = [torch.zeros(self.S, *t.shape, device=self.device) for t in tensors]
+                self.layout += 1
+                prepare(self.n, self.shape.dim, *variant, self.device)
             for bank_t, t in zip(self.mods[k], tensors):
                 bank_t[slot].copy_(t)
         self.owned[slot] = (variant, frozenset(per_module))
@@ -275,6 +281,24 @@ class QAABank:
             else:
                 delta = torch.bmm(z1, upb).to(h.dtype)  # (B', T, d)
                 h = h + delta if rows is None else h.index_add_(0, rows, delta)
+        return h
+
+    def residual_static(self, layer, where, h, slots):
+        """Capture-safe `residual` (no host syncs, shapes fixed by the bank's layout): for
+        every row b and every variant holding (layer, where),
+            h[b] = h[b] + W_up[slots[b]] @ Z(h[b]; circuit[slots[b]]) + b[slots[b]]
+        with each row's slot tensors gathered. A slot without the module has zero circuit
+        and [W_up | b] tensors, so its Z and delta are exactly 0: rows without it get h.
+        Emulated slots (shots, noise) are computed exactly here: callers keep them out.
+        h (B, T, d), slots (B,) int64."""
+        for (m_layer, m_where, variant), tensors in self.mods.items():
+            if (m_layer, m_where) != (layer, where):
+                continue
+            rotation, L = variant
+            *circuit, upb = (t.index_select(0, slots) for t in tensors)  # (B, ...) per row
+            compiled = circuit[0][:, None] if rotation == "RX" else tuple(c[:, None] for c in circuit)
+            z1 = expectations(h, compiled, rotation, self.n, L, with_one=True)  # (B, T, n + 1): [Z, 1]
+            h = h + torch.bmm(z1, upb).to(h.dtype)
         return h
 
     def _emulated(self, layer, where, h, variant, rows, sl, slot):

@@ -76,3 +76,32 @@ class BatchSeams:
     def prefix(self, layer, batch):
         raise RuntimeError("per-row prefixes are served from the KV cache; use SingleSeams without a cache")
 
+
+
+class StaticSeams:
+    """Row b uses slot slots[kind][b] of each bank, through the banks' capture-safe methods
+    (`linear_static`, `residual_static`): every row runs every module a bank holds, slot 0
+    (all zeros) giving exactly nothing. No host-side routing and no shape that depends on the
+    batch's adapters, so one captured step (torch.compile, CUDA graphs) serves every mix.
+    Prefixes need nothing here: their keys and values are in the KV cache.
+    """
+
+    offset = 0
+
+    def __init__(self, banks: dict, slots: dict[str, torch.Tensor]):
+        self.pairs = [(banks[kind], s) for kind, s in slots.items() if kind in banks]
+
+    def linear(self, layer, name, x, y):
+        for bank, s in self.pairs:
+            if hasattr(bank, "linear_static"):
+                y = bank.linear_static(layer, name, x, y, s)
+        return y
+
+    def residual(self, layer, where, h):
+        for bank, s in self.pairs:
+            if hasattr(bank, "residual_static"):
+                h = bank.residual_static(layer, where, h, s)
+        return h
+
+    def prefix(self, layer, batch):
+        raise RuntimeError("per-row prefixes are served from the KV cache")

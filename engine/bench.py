@@ -8,6 +8,10 @@ Two readings per side, from the same runs:
   decode = (N - 1) tokens per row / (t(N) - t(1)): the decode phase alone, prefill and the
            first token subtracted (a run of 1 new token is timed beside each run of N).
 Runs alternate, and the best of --repeats is kept for each, so a noisy neighbour hurts both.
+With --compile, a second engine decodes through the captured step (engine.graph; its
+compile and warm-up happen before timing) and is timed in the same rotation: its ratio is
+compiled / eager. --compile-backend and --static (one graph per bucket instead of automatic
+dynamic shapes) pass to engine.graph.GraphConfig.
 """
 
 from __future__ import annotations
@@ -65,6 +69,25 @@ def readings(timer, B, n_new, repeats_out: list) -> None:
     repeats_out.append((B * n_new / tn, B * (n_new - 1) / max(tn - t1, 1e-9)))
 
 
+def step_ms(graph, B: int, lengths: list[int], repeats: int, n: int = 20) -> list[tuple[int, float]]:
+    """Best-of-repeats milliseconds of one captured step at batch bucket B and each length
+    bucket in `lengths` (each must be one of graph.lengths), the lengths alternating."""
+    B = next(b for b in graph.batches if b >= B)
+    graph._fill([], B)
+    best = {S: float("inf") for S in lengths}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for S in lengths:
+                graph._run(B, S)
+                sync(graph.device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    graph._run(B, S)
+                sync(graph.device)
+                best[S] = min(best[S], (time.perf_counter() - t0) / n * 1e3)
+    return list(best.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -73,39 +96,64 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="engine only (e.g. large batches on a GPU)")
+    ap.add_argument("--compile", action="store_true", help="also time the captured decode step (engine.graph)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend; 'none': CUDA graphs only")
+    ap.add_argument("--static", action="store_true", help="compile one graph per bucket (GraphConfig.dynamic=False)")
+    ap.add_argument("--step-lengths", default=None, help="with --compile: time one step at these cache lengths")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max(batches), max_seq_len=256)
+    make = lambda compile=False: Engine(args.model, device=args.device, dtype=args.dtype,  # noqa: E731
+                                        max_batch=max(batches), max_seq_len=args.max_seq_len, compile=compile)
+    engine = make()
     print(f"model={engine.name} device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} new_tokens={args.new_tokens}")
+    sides = {"engine": engine}
+    if args.compile:
+        from engine.graph import GraphConfig
+
+        t0 = time.perf_counter()
+        backend = None if args.compile_backend == "none" else args.compile_backend
+        lengths = sorted(int(n) for n in args.step_lengths.split(",")) if args.step_lengths else []
+        cfg = GraphConfig(backend=backend, dynamic=False if args.static else None, min_length=min(lengths, default=128))
+        sides["compiled"] = make(cfg)
+        from torch._dynamo.utils import counters
+
+        print(f"compiled: {sides['compiled'].graph.describe()}; {counters['stats']['unique_graphs']} graphs compiled and "
+              f"every bucket run in {time.perf_counter() - t0:.1f} s")
     ref = tok = None
     if not args.no_hf:
         ref = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
         tok = AutoTokenizer.from_pretrained(engine.model_dir, padding_side="left")
     for B in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
-        ours_t = lambda n: time_engine(engine, prompts, n)  # noqa: E731
-        hf_t = lambda n: time_hf(ref, tok, prompts, n, engine.device)  # noqa: E731
-        ours_t(8)  # warm-up
+        timers = {name: (lambda n, e=e: time_engine(e, prompts, n)) for name, e in sides.items()}
         if ref is not None:
-            hf_t(8)
-        ours, theirs = [], []
+            timers["transformers"] = lambda n: time_hf(ref, tok, prompts, n, engine.device)
+        got = {name: [] for name in timers}
+        for t in timers.values():
+            t(8)  # warm-up
         for _ in range(args.repeats):
-            readings(ours_t, B, args.new_tokens, ours)
-            if ref is not None:
-                readings(hf_t, B, args.new_tokens, theirs)
+            for name, t in timers.items():
+                readings(t, B, args.new_tokens, got[name])
         for i, what in enumerate(("e2e", "decode")):
-            o = max(r[i] for r in ours)
-            line = f"batch={B:<3d} {what:6s} engine_tok_s={o:8.1f}"
-            if theirs:
-                h = max(r[i] for r in theirs)
-                line += f"  transformers_tok_s={h:8.1f}  ratio={o / h:.2f}"
+            best = {name: max(r[i] for r in rs) for name, rs in got.items()}
+            line = f"batch={B:<3d} {what:6s} " + "  ".join(f"{n}_tok_s={v:8.1f}" for n, v in best.items())
+            if "compiled" in best:
+                line += f"  compiled/engine={best['compiled'] / best['engine']:.2f}"
+            if "transformers" in best:
+                line += f"  engine/transformers={best['engine'] / best['transformers']:.2f}"
             print(line, flush=True)
+        if "compiled" in sides:
+            print(f"batch={B:<3d} compiled fallbacks={sides['compiled'].graph.fallbacks}", flush=True)
+            if lengths:
+                print(f"batch={B:<3d} step_ms " + "  ".join(
+                    f"length={S}:{ms:.2f}" for S, ms in step_ms(sides["compiled"].graph, B, lengths, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Decode-step cost of a mixed-adapter batch through the engine (a script, not a test).
 
-    python -m engine.bench_adapters [--model PATH] [--steps 20] [--repeats 5] [--constrained]
+    python -m engine.bench_adapters [--model PATH] [--steps 20] [--repeats 5] [--constrained] [--compile]
 
 8 rows, 8 different adapters of mixed types (LoRA, SoRA, prefix, QAA RX and RY) vs the same
 batch with no adapters, on the default model; best of --repeats alternating runs. With
 --constrained: the same mixed batch with every row under a different JSON schema (response_format
-json_schema) vs unconstrained, per decode step.
+json_schema) vs unconstrained, per decode step. With --compile: each of the two batches also
+through the compiled static step (engine.graph; compiled before timing), all four alternating.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LONG_SCHEMAS = [
 ]
 
 
-def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
+def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, compile: bool = False):
     from adapters.base import Adapter
     from adapters.lora import LoraConfig
     from adapters.prefix import PrefixConfig
@@ -42,7 +43,7 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
     from engine.sampling import SamplingParams
     from engine.steps import decode, prefill
 
-    engine = Engine(model, device="cpu", max_batch=8, max_seq_len=256, max_adapters=8)
+    engine = Engine(model, device="cpu", max_batch=8, max_seq_len=256, max_adapters=8, compile=compile)
     configs = [("lora", LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
                ("lora", LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
                ("sora", SoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
@@ -62,22 +63,24 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
 
     grammars = [engine.grammars.json(s) for s in LONG_SCHEMAS] if constrained else [None] * 8
 
-    def step_time(adapters, grammars=(None,) * 8):
+    def step_time(adapters, grammars=(None,) * 8, captured=False):
+        run = (lambda seqs: engine.step(engine.model, engine.cache, [(s, 1) for s in seqs], engine.seams_for)) \
+            if captured else (lambda seqs: decode(engine.model, engine.cache, seqs, engine.seams_for))
         sps = [SamplingParams(max_new_tokens=steps + 2, ignore_eos=True, grammar=g) for g in grammars]
         seqs = [engine.new_sequence(engine.encode_prompt(p), sp, a) for p, a, sp in zip(PROMPTS, adapters, sps)]
         for s in seqs:
             engine.admit(s)
         prefill(engine.model, engine.cache, seqs, engine.seams_for)
-        decode(engine.model, engine.cache, seqs, engine.seams_for)
+        run(seqs)  # with --compile, the first step of a new bank layout compiles it
         t0 = time.perf_counter()
         for _ in range(steps):
-            decode(engine.model, engine.cache, seqs, engine.seams_for)
+            run(seqs)
         dt = (time.perf_counter() - t0) / steps
         for s in seqs:
             engine.cache.free(s.slot)
         return dt
 
-    base, mixed = [], []
+    base, mixed, c_base, c_mixed = [], [], [], []
     for _ in range(repeats):  # alternate so drift hurts both alike
         if constrained:  # the same mixed-adapter batch, free vs each row under its own schema
             base.append(step_time(names))
@@ -85,6 +88,9 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
         else:
             base.append(step_time([None] * 8))
             mixed.append(step_time(names))
+            if compile:
+                c_base.append(step_time([None] * 8, captured=True))
+                c_mixed.append(step_time(names, captured=True))
     b, m = min(base), min(mixed)
     if constrained:
         print(f"decode step, batch 8 (8 adapters), model={engine.name}: unconstrained_ms={b * 1e3:.1f} "
@@ -92,6 +98,11 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
     else:
         print(f"decode step, batch 8, model={engine.name}: no_adapters_ms={b * 1e3:.1f} "
               f"mixed_8_adapters_ms={m * 1e3:.1f} overhead={m / b:.2f}x")
+    if c_base:
+        cb, cm = min(c_base), min(c_mixed)
+        print(f"compiled ({engine.graph.describe()}, fallbacks {engine.graph.fallbacks}): no_adapters_ms={cb * 1e3:.1f} "
+              f"mixed_8_adapters_ms={cm * 1e3:.1f} overhead={cm / cb:.2f}x; eager/compiled: no_adapters={b / cb:.2f}x "
+              f"mixed={m / cm:.2f}x")
 
 
 def main(argv=None):
@@ -100,9 +111,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--constrained", action="store_true", help="JSON-schema rows vs free rows (see above)")
+    ap.add_argument("--compile", action="store_true", help="also through the compiled step (see above)")
     args = ap.parse_args(argv)
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    bench_mixed(args.model, args.steps, args.repeats, args.constrained)
+    bench_mixed(args.model, args.steps, args.repeats, args.constrained, args.compile)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def parse_args(argv=None):
     ap.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a static-shape step compiled by torch.compile (CUDA graphs on a GPU)")
     return ap.parse_args(argv)
 
 
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
         )
-        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=1, max_adapters=1)
+        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=1, max_adapters=1,
+                        compile=args.compile)
         name = None
         if args.adapter:
             name = "cli"

@@ -12,9 +12,10 @@ from adapters.base import Capacity
 from engine.adapter_slots import AdapterSlots, Handle
 from engine.constraints import Grammars
 from engine.errors import InputError, QaaError
+from engine.graph import GraphConfig, GraphDecoder
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
-from engine.steps import Sequence, decode, prefill
+from engine.steps import Sequence, prefill, step
 from engine.tokenizer import Tokenizer
 from engine.weights import resolve_model_dir, load_model
 
@@ -54,7 +55,7 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
                  max_batch: int = 8, max_seq_len: int | None = None, max_adapters: int = 8,
-                 capacity: Capacity | None = None):
+                 capacity: Capacity | None = None, compile: bool | GraphConfig = False):
         t0 = time.perf_counter()
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -63,7 +64,7 @@ class Engine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.cfg = self.model.cfg
         self.max_seq_len = min(max_seq_len or 2048, self.cfg.max_position)
-        self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype)
+        self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, self.device, self.dtype, scratch=bool(compile))
         self.grammars = Grammars(self.model_dir, self.cfg.vocab_size)
         self.shape = self.cfg.shape()
         # Text longer than this cannot fit in the context whatever its tokens (x4: Unicode
@@ -72,6 +73,14 @@ class Engine:
         self.max_prompt_chars = 4 * self.max_seq_len * self.tokenizer.max_token_chars
         self.capacity = (capacity or Capacity()).within(self.max_seq_len)
         self.adapters = AdapterSlots(self.shape, max_adapters, self.device, self.dtype, self.capacity)
+        self.graph = None
+        self.step = step
+        """The step schedulers call (engine.steps.step's contract): that one, or with `compile`
+        the captured decode step for steps that only decode (engine.graph)."""
+        if compile:
+            cfg = compile if isinstance(compile, GraphConfig) else GraphConfig()
+            self.graph = GraphDecoder(self.model, self.cache, self.adapters, cfg)
+            self.step = self.graph.step
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -138,15 +147,17 @@ class Engine:
             self.admit(s)
         try:
             prefill(self.model, self.cache, seqs, self.seams_for)
-            running = [s for s in seqs if not s.finished]
-            while running:
-                decode(self.model, self.cache, running, self.seams_for)
+            running = seqs
+            while True:
                 done = [s for s in running if s.finished]
                 if done:
                     for s in done:
                         self.cache.free(s.slot)
                         s.slot = -1
                     running = self.compact([s for s in running if not s.finished])
+                if not running:
+                    break
+                self.step(self.model, self.cache, [(s, 1) for s in running], self.seams_for)
         finally:
             for s in seqs:
                 if s.slot >= 0:

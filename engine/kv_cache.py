@@ -17,10 +17,13 @@ class KVCache:
     mixes rows at any positions. Slots are handed out by `alloc` (lowest free first) and
     returned by `free`; `compact` moves sequences down into holes so the slots in use are
     0..n-1 and a step over them reads the cache as a view instead of gathering it.
+    With `scratch`, one more slot (index n_slots) is never handed out: a captured decode
+    step's padding rows write their garbage there (engine.graph).
     """
 
-    def __init__(self, cfg: ModelConfig, n_slots: int, max_seq: int, device="cpu", dtype=torch.float32):
-        shape = (n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_seq: int, device="cpu", dtype=torch.float32,
+                 scratch: bool = False):
+        shape = (n_slots + scratch, cfg.n_kv_heads, max_seq, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.n_slots, self.max_seq = n_slots, max_seq

@@ -1,6 +1,7 @@
 """Serving throughput with many adapters (a script, not a test).
 
     python -m server.bench [--concurrency 8,32] [--new-tokens 32] [--repeats 5] [--model PATH]
+                           [--device auto] [--dtype D] [--compile]
 
 Starts qaa-serve as a child process (loopback, a free port; a separate process so the load
 generator's threads do not share its interpreter), uploads adapters over HTTP, and in one
@@ -98,22 +99,26 @@ def _load(url, names, new_tokens) -> float:
         return total / (time.perf_counter() - t0)
 
 
-def _peft_tok_s(model_dir, adapter_dirs, new_tokens) -> float:
+def _peft_tok_s(model_dir, adapter_dirs, new_tokens, device="cpu", dtype=torch.float32) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     pm = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
     for i, d in enumerate(adapter_dirs[1:], 1):
         pm.load_adapter(d, adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapter_dirs))]
-    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(len(names))], return_tensors="pt", padding=True)
+    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(len(names))], return_tensors="pt", padding=True).to(device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
         pm.generate(**enc, adapter_names=names, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+        if device != "cpu":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = pm.generate(**enc, adapter_names=names, **kw)
+        if device != "cpu":
+            torch.cuda.synchronize()
     assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
     return len(names) * new_tokens / (time.perf_counter() - t0)
 
@@ -126,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--types", default="lora,sora,prefix,qaa")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs of each side (best and paired ratios printed)")
+    ap.add_argument("--device", default="auto", help="qaa-serve's and PEFT's device")
+    ap.add_argument("--dtype", default=None, help="qaa-serve's and PEFT's dtype (default: the engine's for the device)")
+    ap.add_argument("--compile", action="store_true", help="qaa-serve --compile (its warm-up happens before timing)")
     args = ap.parse_args(argv)
     import os
     import subprocess
@@ -144,6 +152,7 @@ def main(argv=None):
            "--max-running", str(max(conc)), "--max-device-adapters", str(max(conc)), "--max-seq-len", "512"]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else []) + (["--compile"] if args.compile else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -156,7 +165,10 @@ def main(argv=None):
             time.sleep(0.2)
     model_dir = resolve_model_dir(args.model)
     name = httpx.get(url + "/health").json()["model"]
-    print(f"model={name} threads={torch.get_num_threads()} new_tokens={args.new_tokens} types={args.types}")
+    info = httpx.get(url + "/info").json()
+    device, dtype = info["model_device_type"], getattr(torch, info["model_dtype"])
+    print(f"model={name} device={device} dtype={info['model_dtype']} compile={args.compile} "
+          f"threads={torch.get_num_threads()} new_tokens={args.new_tokens} types={args.types}")
 
     def upload(name, ad):
         cfg, weights = to_bytes(ad)
@@ -185,7 +197,7 @@ def main(argv=None):
             ours, peft = [], []
             for _ in range(args.repeats):
                 ours.append(_load(url, [f"lora-{i}" for i in range(c)], args.new_tokens))
-                peft.append(_peft_tok_s(model_dir, dirs[:c], args.new_tokens))
+                peft.append(_peft_tok_s(model_dir, dirs[:c], args.new_tokens, device, dtype))
             print(f"concurrency={c:<3d} lora_only qaa_serve_tok_s={max(ours):7.1f} peft_adapter_names_tok_s={max(peft):7.1f} "
                   f"ratio={max(ours) / max(peft):.2f} {_paired(ours, peft)}", flush=True)
     server.terminate()

@@ -34,6 +34,12 @@ def parse_args(argv=None):
                     help="JSON file: key -> tenant (see server/auth.py); without it: single tenant, loopback only")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a static-shape step compiled by torch.compile (CUDA graphs on a GPU); "
+                         "compiles every batch and length bucket at start")
+    ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager", "none"),
+                    help="torch.compile backend for --compile; none: the static step uncompiled (on a GPU, CUDA "
+                         "graphs of it without inductor's compile time)")
     ap.add_argument("--drain-seconds", metavar="S", type=number(float, 0), default=30,
                     help="on SIGTERM, how long running requests may finish")
     # what one tenant's request or adapter may demand (see README: Limits)
@@ -80,6 +86,7 @@ def build(args, scheduler_thread: bool = True):
     scheduler_thread=True starts the scheduler on a thread when the app starts; False leaves
     it to the caller to run on the main thread (what `qaa-serve` does)."""
     from engine.engine import Engine
+    from engine.graph import GraphConfig
     from server.app import ServerState, create_app
     from server.auth import Auth
     from server.limits import Limits
@@ -97,7 +104,8 @@ def build(args, scheduler_thread: bool = True):
                          f"only; {args.host} is not a loopback address")
     capacity = capacity_of(args)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_running,
-                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity)
+                    max_seq_len=args.max_seq_len, max_adapters=args.max_device_adapters, capacity=capacity,
+                    compile=args.compile and GraphConfig(backend=None if args.compile_backend == "none" else args.compile_backend))
     limits = Limits.from_args(args, engine.max_seq_len)
     names = args.metrics_adapter_names
     metrics = Metrics(engine.name, names if names in ("all", "none") else frozenset(names.split(",")),

@@ -132,6 +132,7 @@ def startup_summary(state, args, listen: str) -> dict:
         "max_upload_mb": args.max_upload_mb, "drain_seconds": args.drain_seconds,
         **{k: getattr(args, k) for k in LIMIT_OPTIONS if hasattr(args, k)},
         "kernels": kernel_state(e.device, e.dtype), "listen": listen,
+        "compile": e.graph.describe() if getattr(e, "graph", None) is not None else "off",
         "auth": f"on ({len(auth.keys)} keys)" if auth.enabled else "off (single tenant, loopback only)",
         "load_seconds": round(getattr(e, "load_seconds", 0.0), 2),
     }

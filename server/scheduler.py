@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from adapters.base import AdapterError
 from engine.errors import QaaError
 from engine.sampling import SamplingParams
-from engine.steps import Sequence, step
+from engine.steps import Sequence
 from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
@@ -302,7 +302,8 @@ class Scheduler:
                 reqs = [r for r, _ in work if r.seq.prefilling == (stage == "prefill")]
                 if reqs:
                     self.faults(stage, reqs)
-        return step(self.engine.model, self.engine.cache, [(r.seq, n) for r, n in work], self.engine.seams_for)
+        # engine.steps.step, or with --compile the captured step for steps that only decode
+        return self.engine.step(self.engine.model, self.engine.cache, [(r.seq, n) for r, n in work], self.engine.seams_for)
 
     def _admit(self) -> list[Request]:
         admitted = []

@@ -38,6 +38,7 @@ def test_startup_summary(served, tiny_dir):
     assert {k: s[k] for k in want} == want
     assert s["store"].endswith("store")
     assert s["kernels"].split()[0] in ("loaded", "built", "unavailable,"), s["kernels"]
+    assert s["compile"] == "off"  # qaa-serve --compile says how it captures (tests/server/test_compile.py)
 
 
 def test_a_line_per_request_with_ids_sizes_timings_and_outcome(served):

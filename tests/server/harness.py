@@ -40,7 +40,7 @@ def server_args(model, store, port, **kw) -> list[str]:
     args = ["--model", str(model), "--port", str(port), "--adapter-dir", str(store), "--device", "cpu",
             "--max-seq-len", "256"]
     for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])  # True: a bare flag
     return args
 
 
