@@ -27,12 +27,14 @@ class FrozenLinear(nn.Module):
 
     MKL's GEMM at decode batch sizes (M = 1..64) runs this layout 1.5-3x faster than
     nn.Linear's (out, in). `weight` stays readable as the usual (out, in) view, so state dicts,
-    PEFT keys and adapter shape checks see a normal Linear.
+    PEFT keys and adapter shape checks see a normal Linear. `out_dtype` casts the output (the
+    head's logits are fp32 whatever the model's dtype).
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = out_dtype
         self.register_buffer("wt", linear.weight.detach().t().contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
@@ -42,16 +44,19 @@ class FrozenLinear(nn.Module):
 
     def forward(self, x):
         y = x @ self.wt
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if self.out_dtype is None else y.to(self.out_dtype)
 
 
 def freeze_linears(model: nn.Module) -> nn.Module:
     """Swap every nn.Linear for a FrozenLinear (serving: the base model never trains), then
-    fuse q|k|v and gate|up so each runs as one GEMM."""
+    fuse q|k|v and gate|up so each runs as one GEMM. The head gives fp32 logits: the sampler,
+    logprobs, penalties and grammar masks then work in fp32 (one cast of (B, V) per step) when
+    the model runs in bf16 or fp16."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, FrozenLinear(child))
+                setattr(parent, name, FrozenLinear(child, torch.float32 if child is model.lm_head else None))
     for block in model.model.layers:
         block.self_attn.fuse()
         block.mlp.fuse()
@@ -83,12 +88,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # one fused op; same math as below when x is fp32
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in fp32 like the reference implementation, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused op. For bf16/fp16 x it normalises and scales in fp32 and rounds once
+        # (transformers rounds twice: after normalising, then after the weight).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rotate_half(x):

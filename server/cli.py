@@ -31,7 +31,8 @@ def parse_args(argv=None):
     ap.add_argument("--api-keys", default=None, metavar="FILE",
                     help="JSON file: key -> tenant (see server/auth.py); without it: single tenant, loopback only")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default $QAA_DTYPE, else auto: bf16 on "
+                                                  "CUDA and on a CPU with native bf16, AMX or avx512_bf16; fp32 elsewhere)")
     ap.add_argument("--drain-seconds", metavar="S", type=number(float, 0), default=30,
                     help="on SIGTERM, how long running requests may finish")
     # what one tenant's request or adapter may demand (see README: Limits)
