@@ -97,7 +97,7 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
                                   int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n, \
                                   const int64_t *masks, int64_t threads) {                              \
         const int64_t N = (int64_t)1 << n;                                                              \
-        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 8)") \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 2)") \
         for (int64_t iv = v0; iv < v1; iv++) {                                                          \
             const int64_t i = iv / T, t = iv % T;                                                       \
             float work[4 * N];                                                                          \

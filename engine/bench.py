@@ -1,6 +1,7 @@
 """Greedy decode throughput: this engine vs transformers' `generate`, same weights and prompts.
 
     python -m engine.bench [--model PATH] [--batches 1,8] [--new-tokens 64] [--device auto]
+                           [--dtype float32,bfloat16]
 
 Both sides generate exactly --new-tokens tokens per row (EOS ignored) from the same prompts.
 Two readings per side, from the same runs:
@@ -8,6 +9,8 @@ Two readings per side, from the same runs:
   decode = (N - 1) tokens per row / (t(N) - t(1)): the decode phase alone, prefill and the
            first token subtracted (a run of 1 new token is timed beside each run of N).
 Runs alternate, and the best of --repeats is kept for each, so a noisy neighbour hurts both.
+Several --dtype values give one engine each (alternating too), compared with the first; the
+transformers side runs in the first one's dtype.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help="the engine's dtype; several, comma-separated, run alternately "
+                                                  "and are compared with the first (e.g. float32,bfloat16)")
     ap.add_argument("--no-hf", action="store_true", help="engine only (e.g. large batches on a GPU)")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,32 +84,40 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max(batches), max_seq_len=256)
-    print(f"model={engine.name} device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} new_tokens={args.new_tokens}")
+    engines = [Engine(args.model, device=args.device, dtype=d, max_batch=max(batches), max_seq_len=256)
+               for d in (args.dtype.split(",") if args.dtype else [None])]
+    engine = engines[0]
+    print(f"model={engine.name} device={engine.device} dtype={','.join(str(e.dtype) for e in engines)} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} new_tokens={args.new_tokens}")
     ref = tok = None
     if not args.no_hf:
         ref = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
         tok = AutoTokenizer.from_pretrained(engine.model_dir, padding_side="left")
     for B in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
-        ours_t = lambda n: time_engine(engine, prompts, n)  # noqa: E731
+        sides = {str(e.dtype).removeprefix("torch."): (lambda n, e=e: time_engine(e, prompts, n)) for e in engines}
         hf_t = lambda n: time_hf(ref, tok, prompts, n, engine.device)  # noqa: E731
-        ours_t(8)  # warm-up
+        for t in sides.values():
+            t(8)  # warm-up
         if ref is not None:
             hf_t(8)
-        ours, theirs = [], []
-        for _ in range(args.repeats):
-            readings(ours_t, B, args.new_tokens, ours)
+        ours, theirs = {k: [] for k in sides}, []
+        for _ in range(args.repeats):  # alternate, so drift hits every side alike
+            for k, t in sides.items():
+                readings(t, B, args.new_tokens, ours[k])
             if ref is not None:
                 readings(hf_t, B, args.new_tokens, theirs)
+        first = next(iter(sides))
         for i, what in enumerate(("e2e", "decode")):
-            o = max(r[i] for r in ours)
-            line = f"batch={B:<3d} {what:6s} engine_tok_s={o:8.1f}"
-            if theirs:
-                h = max(r[i] for r in theirs)
-                line += f"  transformers_tok_s={h:8.1f}  ratio={o / h:.2f}"
-            print(line, flush=True)
+            for k in sides:
+                o = max(r[i] for r in ours[k])
+                line = f"batch={B:<3d} {what:6s} dtype={k:<8s} engine_tok_s={o:8.1f}"
+                if k != first:
+                    line += f"  vs_{first}={o / max(r[i] for r in ours[first]):.2f}"
+                if theirs and k == first:
+                    h = max(r[i] for r in theirs)
+                    line += f"  transformers_tok_s={h:8.1f}  ratio={o / h:.2f}"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

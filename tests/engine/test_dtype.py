@@ -83,3 +83,32 @@ def test_bf16_sampling_penalties_and_logprobs_run_on_fp32_logits(bf16):
         lps += [lp, *(v for _, v in top)]
     lps = torch.tensor(lps)
     assert lps.isfinite().all() and not torch.equal(lps.bfloat16().float(), lps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [1, 7, 64])
+def test_packed_bf16_weights_give_the_plain_matmul(dtype, M):
+    """bf16 on the CPU packs weights for oneDNN (when this torch can): without a bias the same
+    numbers as x @ wt, bit for bit, at any number of rows; a bias is added before the one
+    rounding (x @ wt + b rounds twice), so that is within bf16's precision of the fp32 sum.
+    fp32 is never packed."""
+    from engine.model import frozen_matmul, pack_weight
+
+    g = torch.Generator().manual_seed(M)
+    wt, b = torch.randn(96, 160, generator=g).to(dtype), torch.randn(160, generator=g).to(dtype)
+    x = torch.randn(M, 3, 96, generator=g).to(dtype)
+    packed = pack_weight(wt)
+    assert packed is None if dtype == torch.float32 else True
+    assert torch.equal(frozen_matmul(x, wt, None, packed), x @ wt)
+    want = x.float() @ wt.float() + b.float()
+    torch.testing.assert_close(frozen_matmul(x, wt, b, packed).float(), want, rtol=2**-7, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_bf16_cpu_engine_packs_the_gemms_it_runs(bf16):
+    from engine.model import pack_weight
+
+    if pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None:
+        pytest.skip("this torch has no oneDNN bf16 linear: the plain matmul serves")
+    blk = bf16.model.model.layers[0]
+    assert all(p is not None for p in (blk.self_attn.qkv_packed, blk.self_attn.o_proj.packed, blk.mlp.gate_up_packed,
+                                       blk.mlp.down_proj.packed, bf16.model.lm_head.packed))
