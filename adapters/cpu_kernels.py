@@ -112,8 +112,11 @@ def masks(n: int, L: int) -> torch.Tensor:
 def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
     """The serving kernels take CPU tensors of one dtype among `dtypes` (fp32 or bf16; training's
     rx_z: fp32 only) whose last dim is contiguous."""
-    return all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and t.stride(-1) == 1 for t in tensors) \
-        and tensors[0].dtype in dtypes and library() is not None
+    dtype = tensors[0].dtype
+    for t in tensors:  # a loop, not all(genexpr): this runs twice per adapted module per step
+        if t.dtype != dtype or t.stride(-1) != 1 or t.device.type != "cpu":
+            return False
+    return dtype in dtypes and library() is not None
 
 
 def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor,
