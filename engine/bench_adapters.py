@@ -67,11 +67,11 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False):
         seqs = [engine.new_sequence(engine.encode_prompt(p), sp, a) for p, a, sp in zip(PROMPTS, adapters, sps)]
         for s in seqs:
             engine.admit(s)
-        prefill(engine.model, engine.cache, seqs, engine.seams_for(seqs))
-        decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+        prefill(engine.model, engine.cache, seqs, engine.seams_for)
+        decode(engine.model, engine.cache, seqs, engine.seams_for)
         t0 = time.perf_counter()
         for _ in range(steps):
-            decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+            decode(engine.model, engine.cache, seqs, engine.seams_for)
         dt = (time.perf_counter() - t0) / steps
         for s in seqs:
             engine.cache.free(s.slot)

@@ -170,10 +170,10 @@ class Engine:
         for s in seqs:
             self.admit(s)
         try:
-            prefill(self.model, self.cache, seqs, self.seams_for(seqs))
+            prefill(self.model, self.cache, seqs, self.seams_for)
             running = [s for s in seqs if not s.finished]
             while running:
-                decode(self.model, self.cache, running, self.seams_for(running))
+                decode(self.model, self.cache, running, self.seams_for)
                 done = [s for s in running if s.finished]
                 if done:
                     for s in done:

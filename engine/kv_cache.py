@@ -56,29 +56,20 @@ class KVCache:
         return len(self._free)
 
     def write(self, layer: int, rows, pos, k, v):
-        # rows (B,), pos (B, T), k/v (B, Hkv, T, hd) -> slot rows[b], index pos[b, t]
-        B, T = pos.shape
-        r = rows[:, None].expand(B, T).reshape(-1)
-        p = pos.reshape(-1)
-        self.k[layer][r, :, p] = k.transpose(1, 2).reshape(B * T, *k.shape[1:2], k.shape[3])
-        self.v[layer][r, :, p] = v.transpose(1, 2).reshape(B * T, *v.shape[1:2], v.shape[3])
+        # rows, pos (N,), k/v (N, Hkv, hd) -> token i at slot rows[i], index pos[i]
+        self.k[layer][rows, :, pos] = k
+        self.v[layer][rows, :, pos] = v
 
-    def read(self, layer: int, rows, length: int):
-        # -> k, v (B, Hkv, length, hd); slice before gathering so only `length` positions copy
-        if self._contiguous(rows):
-            r0 = int(rows[0])
-            return self.k[layer][r0 : r0 + len(rows), :, :length], self.v[layer][r0 : r0 + len(rows), :, :length]
+    def read(self, layer: int, slots, first: int | None, length: int):
+        """k, v (B, Hkv, length, hd) of slots (B,): a view when they are first, first + 1, ...,
+        else a gather; sliced before gathering, so only `length` positions copy."""
+        if first is not None:
+            B = len(slots)
+            return self.k[layer][first : first + B, :, :length], self.v[layer][first : first + B, :, :length]
         return (
-            self.k[layer][:, :, :length].index_select(0, rows),
-            self.v[layer][:, :, :length].index_select(0, rows),
+            self.k[layer][:, :, :length].index_select(0, slots),
+            self.v[layer][:, :, :length].index_select(0, slots),
         )
-
-    def _contiguous(self, rows) -> bool:
-        # cached per rows tensor: one device->host sync per forward, not one per layer
-        if getattr(self, "_rows_seen", None) is not rows:
-            r = rows.tolist()
-            self._rows_seen, self._rows_contig = rows, r == list(range(r[0], r[0] + len(r)))
-        return self._rows_contig
 
     def write_prefix(self, slot: int, layer: int, k, v):
         """Place (Hkv, P, hd) keys/values at positions 0..P-1 of a slot (prefix tuning)."""

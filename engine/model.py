@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layout import Layout, causal_mask, rectangle
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -166,37 +167,61 @@ class Attention(nn.Module):
         y = getattr(self, name)(x)
         return y if seams is None else seams.linear(self.layer, name, x, y)
 
-    def forward(self, x, cos, sin, pos, mask, cache, rows, seams):
-        # x (B, T, d); pos (B, T) absolute positions = cache indices; mask (B, 1, T, S) or None
+    def qkv(self, x, cos, sin, seams):
+        """(B, T, d) -> q (B, T, H, hd), k and v (B, T, Hkv, hd), RoPE applied to q and k."""
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
         if self.qkv_wt is not None:
             # RoPE on q and k in one pass over the fused projection's output
             y = self._fused_qkv(x)
             if seams is not None:
                 y = self.adapt_fused(x, y, seams)
-            qk = apply_rope(y[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos.transpose(1, 2), sin.transpose(1, 2))
-            q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-            k = qk[:, :, H:].transpose(1, 2)
-            v = y[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
-        else:
-            q, k, v = (self.proj(n, x, seams) for n in ("q_proj", "k_proj", "v_proj"))
-            q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = k.view(B, T, Hkv, hd).transpose(1, 2)
-            v = v.view(B, T, Hkv, hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(y[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
+            return qk[:, :, :H], qk[:, :, H:], y[..., (H + Hkv) * hd :].view(B, T, Hkv, hd)
+        q, k, v = (self.proj(n, x, seams) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k = apply_rope(q.view(B, T, H, hd), cos, sin), apply_rope(k.view(B, T, Hkv, hd), cos, sin)
+        return q, k, v.view(B, T, Hkv, hd)
+
+    def forward(self, x, cos, sin, mask, cache, layout, seams):
+        # x (B, T, d); with a cache, `layout` places and groups the B*T tokens (engine.layout);
+        # without one, mask (B, 1, T, T) over the rows' own tokens
+        B, T, _ = x.shape
+        H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x, cos, sin, seams)
         if cache is not None:
-            cache.write(self.layer, rows, pos, k, v)
-            k, v = cache.read(self.layer, rows, mask.shape[-1])  # (B, Hkv, S, hd)
+            y = attend(q.reshape(B * T, H, hd), k.reshape(B * T, Hkv, hd), v.reshape(B * T, Hkv, hd),
+                       cache, self.layer, layout).view(B, T, H * hd)
         else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             prefix = seams.prefix(self.layer, B) if seams is not None else None
             if prefix is not None:  # (B, Hkv, P, hd) keys/values that every query sees
                 pk, pv = prefix
                 k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
                 mask = torch.cat([mask.new_ones(B, 1, T, pk.shape[2]), mask], -1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, hd)
+            y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.proj("o_proj", y, seams)
+
+
+def attend(q, k, v, cache, layer: int, layout: Layout):
+    """Write the step's keys/values into the cache, then attend span by span.
+
+    q (N, H, hd), k and v (N, Hkv, hd) for the N tokens of the flat batch -> (N, H * hd).
+    """
+    cache.write(layer, layout.rows, layout.pos, k, v)
+    H, hd = q.shape[1], q.shape[2]
+    outs = []
+    for sp in layout.spans:
+        qs = q[sp.start : sp.start + sp.n]
+        if sp.sel is not None:  # idle rows: zero queries, outputs dropped below
+            qs = qs.new_zeros(sp.B, H, hd).index_copy_(0, sp.sel, qs)
+        qs = qs.reshape(sp.B, sp.T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        ks, vs = cache.read(layer, sp.slots, sp.first, sp.length)  # (B, Hkv, length, hd)
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=sp.mask, enable_gqa=ks.shape[1] != H)
+        y = y.transpose(1, 2).reshape(sp.B * sp.T, H * hd)
+        outs.append(y if sp.sel is None else y.index_select(0, sp.sel))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class MLP(nn.Module):
@@ -235,8 +260,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, h, cos, sin, pos, mask, cache, rows, seams):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, pos, mask, cache, rows, seams)
+    def forward(self, h, cos, sin, mask, cache, layout, seams):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layout, seams)
         if seams is not None:
             h = seams.residual(self.layer, "attn", h)
         h = h + self.mlp(self.post_attention_layernorm(h), seams)
@@ -269,39 +294,32 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def hidden(self, tokens, pos, cache=None, rows=None, seams=None):
+    def hidden(self, tokens, pos, cache=None, rows=None, seams=None, layout=None):
         """Final-norm hidden states (B, T, d) for tokens (B, T) at positions pos (B, T).
 
-        With a cache, row b reads and writes the cache slot rows[b]; keys at cache index j are
-        visible to a query at position p when j <= p, so rows of different lengths (and
-        right-padding, whose garbage lies beyond every real query) share one forward.
+        With a cache, `layout` says which slot and position each token has and which tokens
+        attend together (engine.layout); given `rows` instead, row b uses slot rows[b], and
+        keys at cache index j are visible to a query at position p when j <= p, so rows of
+        different lengths (and right-padding, whose garbage lies beyond every real query)
+        share one forward. Without a cache, each row attends to its own tokens.
         """
         h = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, h.dtype)
-        mask = self.mask(pos, int(pos.max()) + 1 if cache is not None else None)
+        mask = None
+        if cache is None:
+            mask = causal_mask(pos, None, self.cfg.sliding_window)
+        elif layout is None:
+            layout = rectangle(rows, pos, self.cfg.sliding_window)
         for block in self.model.layers:
-            h = block(h, cos, sin, pos, mask, cache, rows, seams)
+            h = block(h, cos, sin, mask, cache, layout, seams)
         return self.model.norm(h)
 
-    def mask(self, pos, length=None):
-        """(B, 1, T, S) bool: query at position p sees key index j iff j <= p (within the window).
-
-        With a cache, key j is cache index j of the row's slot (S = length); without one, the
-        keys are the row's own tokens at positions pos.
-        """
-        key_pos = torch.arange(length, device=pos.device)[None, None, :] if length else pos[:, None, :]
-        q_pos = pos[:, :, None]
-        mask = key_pos <= q_pos
-        if self.cfg.sliding_window:
-            mask &= key_pos > q_pos - self.cfg.sliding_window
-        return mask[:, None]
-
-    def forward(self, tokens, pos=None, cache=None, rows=None, seams=None, last=None):
+    def forward(self, tokens, pos=None, cache=None, rows=None, seams=None, last=None, layout=None):
         """Logits (B, T, V), or (B, V) at index last[b] of each row when `last` is given."""
         if pos is None:  # a prefix adapter's virtual tokens take the first positions
             start = seams.offset if seams is not None else 0
             pos = (torch.arange(tokens.shape[1], device=tokens.device) + start).expand(tokens.shape[0], -1)
-        h = self.hidden(tokens, pos, cache, rows, seams)
+        h = self.hidden(tokens, pos, cache, rows, seams, layout)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
         return self.lm_head(h)

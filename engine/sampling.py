@@ -48,6 +48,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Record each drawn token's log-probability under the model (the log-softmax of its raw
     logits, before any penalty or temperature) and the `logprobs` most likely; None = off."""
+    prompt_logprobs: bool = False
+    """Record each prompt token's log-probability given the tokens before it (and, with
+    `logprobs`, that many most likely tokens at its place); the first token has none."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):

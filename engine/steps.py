@@ -1,8 +1,10 @@
-"""Sequences and the two step functions that advance them: prefill and decode.
+"""Sequences and the step that advances them: decode tokens and prefill chunks in one forward.
 
 A scheduler (the CLI's static loop, or the server's continuous batcher) decides which
-sequences run in a step; these functions run one forward for all of them, whatever their
-lengths and positions, sample one token per row and update each sequence.
+sequences run in a step and how many prompt tokens each prefilling one feeds; `step` runs
+one forward for all of them, whatever their lengths and positions, samples one token for
+every row that has its whole prompt in the cache and updates each sequence. `prefill` (whole
+prompts) and `decode` (one token each) are its two plain cases.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kv_cache import KVCache
+from engine.layout import mixed
 from engine.sampling import SamplingParams, sample
 from engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -27,6 +30,8 @@ class Sequence:
     """KV cache slot, -1 until admitted."""
     start: int = 0
     """Cache positions taken before the prompt (a prefix adapter's virtual tokens)."""
+    prefilled: int = 0
+    """Prompt tokens whose keys/values are in the cache (chunked prefill feeds them in parts)."""
     max_len: int = 0
     """Last cache position + 1 this sequence may reach."""
     out_ids: list[int] = field(default_factory=list)
@@ -37,6 +42,8 @@ class Sequence:
     """What ended the sequence when finish_reason is 'error'."""
     logprobs: list = field(default_factory=list)
     """With params.logprobs: per generated token, (its logprob, [(id, logprob)] of the top ones)."""
+    prompt_logprobs: list = field(default_factory=list)
+    """With params.prompt_logprobs: per prompt token, as `logprobs` (None for the first token)."""
     adapter: object = None
     """The adapter's Handle (name, kind, slot), or None for the base model."""
 
@@ -49,8 +56,13 @@ class Sequence:
 
     @property
     def pos(self) -> int:
-        """Cache position of the next token fed to the model."""
-        return self.start + len(self.prompt_ids) + len(self.out_ids) - 1
+        """Cache position of the next token fed to the model (= positions written so far)."""
+        return self.start + self.prefilled + max(len(self.out_ids) - 1, 0)
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is not in the cache yet."""
+        return self.prefilled < len(self.prompt_ids)
 
     @property
     def end_ids(self) -> set[int]:
@@ -106,10 +118,6 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def _rows(seqs, device):
-    return torch.tensor([s.slot for s in seqs], device=device)
-
-
 def _sample_into(seqs, logits) -> list[str]:
     dists = _logprobs(seqs, logits)
     for s, row in zip(seqs, logits):  # in place: the logits are this forward's own
@@ -149,30 +157,80 @@ def _append(s: Sequence, token: int) -> str:
 
 
 @torch.inference_mode()
-def prefill(model, cache: KVCache, seqs: list[Sequence], seams=None) -> list[str]:
-    """Run every prompt of `seqs` (right-padded into one batch) and sample its first token."""
+def step(model, cache: KVCache, work: list[tuple[Sequence, int]], seams_for) -> list[str | None]:
+    """One forward over `work`: (seq, n) feeds the next n prompt tokens of a prefilling
+    sequence, or (seq, 1) the last token of a decoding one. Every row with its whole prompt in
+    the cache after the forward samples a token; returns, in work's order, the text each
+    sampled token makes visible, or None for a row still prefilling.
+
+    The flat batch is every decode token, then every chunk (engine.layout.mixed); each token
+    goes through its sequence's adapter: seams_for(one sequence per token) builds the routing.
+    """
     dev = cache.k[0].device
-    T = max(len(s.prompt_ids) for s in seqs)
-    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+    dec = [s for s, _ in work if not s.prefilling]
+    pre = [(s, n) for s, n in work if s.prefilling]
+    for s, n in pre:
+        assert 0 < n <= len(s.prompt_ids) - s.prefilled, "a chunk lies within its prompt"
         if s.generator is None:
             s.generator = s.params.make_generator(dev)
         if s.params.repetition_penalty != 1.0 and s.history is None:
             s.history = torch.tensor(s.prompt_ids, device=dev)
-    starts = torch.tensor([s.start for s in seqs])
-    # pad positions run past each prompt; their keys land beyond any query of that row
-    pos = (starts[:, None] + torch.arange(T)[None, :]).to(dev)
-    last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
-    logits = model(tokens.to(dev), pos, cache, _rows(seqs, dev), seams, last=last)  # (B, V)
-    return _sample_into(seqs, logits)
+    tokens = [s.out_ids[-1] for s in dec]
+    owners, pick, sampled = list(dec), list(range(len(dec))), list(dec)
+    for s, n in pre:
+        tokens += s.prompt_ids[s.prefilled : s.prefilled + n]
+        owners += [s] * n
+        if s.prefilled + n == len(s.prompt_ids):  # its last prompt token: the first output follows
+            pick.append(len(tokens) - 1)
+            sampled.append(s)
+    layout = mixed([(s.slot, s.pos) for s in dec], [(s.slot, s.pos, n) for s, n in pre], dev,
+                   model.cfg.sliding_window)
+    h = model.hidden(torch.tensor(tokens, device=dev)[:, None], layout.pos[:, None], cache,
+                     seams=seams_for(owners), layout=layout)  # (N, 1, d)
+    logits = model.lm_head(h[torch.tensor(pick, device=dev), 0]) if pick else None  # (K, V)
+    scored = _prompt_logprobs(model, h, dec, pre)
+    for s, n in pre:  # the chunks are in the cache now
+        s.prefilled += n
+    try:
+        texts = _sample_into(sampled, logits) if pick else []
+    except BaseException:
+        for s, n in pre:  # nothing sampled: the step may be run again as it was
+            s.prefilled -= n
+        raise
+    for s, entries in scored:
+        s.prompt_logprobs += entries
+    out = dict(zip(map(id, sampled), texts))
+    return [out.get(id(s)) for s, _ in work]
 
 
-@torch.inference_mode()
-def decode(model, cache: KVCache, seqs: list[Sequence], seams=None) -> list[str]:
+def _prompt_logprobs(model, h, dec, pre) -> list[tuple[Sequence, list]]:
+    """For the chunks whose sequence asked: each chunk token's logits score the prompt token
+    after it (the last prompt token's score the first output, which is not a prompt token).
+    h (N, 1, d) is the step's hidden states, decode tokens first, then the chunks in order."""
+    out, at = [], len(dec)
+    for s, n in pre:
+        if s.params.prompt_logprobs:
+            a = s.prefilled
+            m = min(n, len(s.prompt_ids) - 1 - a)  # tokens here whose next token is in the prompt
+            entries = [None] if a == 0 else []
+            if m > 0:
+                lp = model.lm_head(h[at : at + m, 0]).float().log_softmax(-1)  # (m, V)
+                nxt = torch.tensor(s.prompt_ids[a + 1 : a + 1 + m], device=lp.device)
+                chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+                k = min(s.params.logprobs or 0, lp.shape[-1])
+                top = lp.topk(k) if k else None
+                for j in range(m):
+                    entries.append((chosen[j], list(zip(top.indices[j].tolist(), top.values[j].tolist())) if k else []))
+            out.append((s, entries))
+        at += n
+    return out
+
+
+def prefill(model, cache: KVCache, seqs: list[Sequence], seams_for) -> list[str]:
+    """Feed every sequence's whole (remaining) prompt and sample its first token."""
+    return step(model, cache, [(s, len(s.prompt_ids) - s.prefilled) for s in seqs], seams_for)
+
+
+def decode(model, cache: KVCache, seqs: list[Sequence], seams_for) -> list[str]:
     """Feed each sequence's last token at its own position and sample the next one."""
-    dev = cache.k[0].device
-    tokens = torch.tensor([[s.out_ids[-1]] for s in seqs], device=dev)  # (B, 1)
-    pos = torch.tensor([[s.pos] for s in seqs], device=dev)  # (B, 1)
-    logits = model(tokens, pos, cache, _rows(seqs, dev), seams, last=torch.zeros(len(seqs), dtype=torch.long, device=dev))
-    return _sample_into(seqs, logits)
+    return step(model, cache, [(s, 1) for s in seqs], seams_for)

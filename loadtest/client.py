@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -35,6 +35,10 @@ class Record:
     """Tokens the server reports generating (usage), else the chunks counted."""
     error: str | None = None
     """None, or the kind: http_<status>[_<error_type>], timeout, connect, disconnected, stream_error."""
+    itl: list[float] = field(default_factory=list)
+    """Inter-token latencies: the gaps between consecutive token chunks of the stream (vLLM's
+    ITL); a closing chunk that carries only the finish reason is not a token, and a token
+    whose text is incomplete (part of a UTF-8 character) comes with the next."""
 
     @property
     def ok(self) -> bool:
@@ -143,9 +147,14 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, rec
                 if "error" in msg:
                     rec.error = "stream_error"
                     return rec
-                if msg.get("choices"):
+                choice = (msg.get("choices") or [{}])[0]
+                if choice and (choice.get("text") or not choice.get("finish_reason")):  # not a bare finish chunk
                     now = time.perf_counter() - t0
-                    rec.first_token = now if rec.first_token is None else rec.first_token
+                    if rec.first_token is None:
+                        rec.first_token = now
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
                     chunks += 1
                 if msg.get("usage"):
                     usage = msg["usage"]

@@ -60,7 +60,7 @@ def summarize(label: str, n_adapters: int, records: list[Record], wall: float, s
         "wall_s": wall, "request_throughput": len(ok) / wall, "output_throughput": out_tokens / wall,
         "input_throughput": sum(r.input_len for r in ok) / wall, "output_tokens": out_tokens,
         "ttft_s": percentiles([r.ttft for r in ok]), "tpot_s": percentiles([r.tpot for r in ok if r.tpot is not None]),
-        "e2e_s": percentiles([r.e2e for r in ok]),
+        "itl_s": percentiles([g for r in ok for g in r.itl]), "e2e_s": percentiles([r.e2e for r in ok]),
         "slo_ttft_s": slo_ttft,
         "slo_attainment": (sum(r.ttft is not None and r.ttft <= slo_ttft for r in ok) / len(records)) if records else None,
         "distinct_adapters_used": len({r.adapter for r in records if r.adapter}),
@@ -76,11 +76,11 @@ def markdown(report: dict) -> str:
     runs = report["runs"]
     base = next((r for r in runs if r["adapters"] == 0 and r["label"] == "baseline"), None)
     lines = ["| run | adapters | done/sent | errors | req/s | out tok/s | vs base | TTFT p50/p90/p99 ms "
-             "| TPOT p50/p90/p99 ms | e2e p50/p99 s | SLO | loads dev/host |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
+             "| TPOT p50/p90/p99 ms | ITL p50/p99 ms | e2e p50/p99 s | SLO | loads dev/host |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---|"]
     for r in runs:
         ratio = f"{r['output_throughput'] / base['output_throughput']:.2f}" if base and base["output_throughput"] else "–"
-        t, p, e = r["ttft_s"], r["tpot_s"], r["e2e_s"]
+        t, p, e, i = r["ttft_s"], r["tpot_s"], r["e2e_s"], r["itl_s"]
         loads = r["adapter_loads"] or {}
         ld = loads.get("loads", {})
         slo = "–" if r["slo_attainment"] is None else f"{100 * r['slo_attainment']:.0f}%"
@@ -89,7 +89,7 @@ def markdown(report: dict) -> str:
             f"| {r['label']} | {r['adapters']} | {r['completed']}/{r['requests']} | {r['errors']} "
             f"| {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {ratio} "
             f"| {_ms(t['p50'])} / {_ms(t['p90'])} / {_ms(t['p99'])} | {_ms(p['p50'])} / {_ms(p['p90'])} / {_ms(p['p99'])} "
-            f"| {e2e} | {slo} | {ld.get('device', '–')} / {ld.get('host', '–')} |")
+            f"| {_ms(i['p50'])} / {_ms(i['p99'])} | {e2e} | {slo} | {ld.get('device', '–')} / {ld.get('host', '–')} |")
     errs = {r["label"]: r["errors_by_kind"] for r in runs if r["errors"]}
     if errs:
         lines += ["", "Errors by kind: " + "; ".join(f"{k}: {v}" for k, v in errs.items())]

@@ -90,6 +90,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                 "max_input_tokens": e.max_seq_len - 1, "max_new_tokens": state.max_new_tokens,
                 "max_concurrent_requests": state.scheduler.max_running,
                 "max_waiting_requests": state.scheduler.max_waiting,
+                "max_num_batched_tokens": state.scheduler.max_batched_tokens,
                 "limits": {**asdict(state.limits), **asdict(e.capacity), "max_prompt_chars": e.max_prompt_chars,
                            "stall_seconds": state.scheduler.stall_seconds},
                 "adapter_types": kinds(), "version": app.version,

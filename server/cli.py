@@ -22,6 +22,8 @@ def parse_args(argv=None):
     ap.add_argument("--adapter-dir", metavar="DIR", default=os.environ.get("QAA_ADAPTER_DIR", "adapters-store"),
                     help="the adapter store, created if missing ($QAA_ADAPTER_DIR)")
     ap.add_argument("--max-running", metavar="N", type=number(int, 1), default=16, help="requests decoding together (KV slots)")
+    ap.add_argument("--max-num-batched-tokens", metavar="N", type=number(int, 2), default=256,
+                    help="tokens per step: one per decoding request, the rest prefill chunks (more than --max-running)")
     ap.add_argument("--max-waiting", metavar="N", type=number(int, 1), default=256, help="queued requests before 429")
     ap.add_argument("--max-device-adapters", metavar="N", type=number(int, 1), default=32, help="adapters held in device slot banks")
     ap.add_argument("--max-host-adapters", metavar="N", type=number(int, 1), default=256, help="adapters held in host memory")
@@ -87,6 +89,9 @@ def build(args, scheduler_thread: bool = True):
     from server.scheduler import Scheduler
     from server.store import Store
 
+    if args.max_num_batched_tokens <= args.max_running:
+        raise SystemExit(f"qaa-serve: error: --max-num-batched-tokens ({args.max_num_batched_tokens}) must exceed "
+                         f"--max-running ({args.max_running}): every step feeds each decoding request a token")
     auth = Auth.from_file(args.api_keys)
     if not auth.enabled and not _loopback(args.host):
         raise SystemExit(f"qaa-serve: error: without --api-keys the server is single-tenant and listens on loopback "
@@ -100,7 +105,8 @@ def build(args, scheduler_thread: bool = True):
                       args.max_device_adapters)
     store = Store(args.adapter_dir, engine.shape, max_bytes=limits.max_upload_bytes, capacity=engine.capacity)
     residency = Residency(engine, store, args.max_device_adapters, args.max_host_adapters, metrics)
-    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics, args.stall_seconds)
+    scheduler = Scheduler(engine, residency, args.max_running, args.max_waiting, metrics, args.stall_seconds,
+                          args.max_num_batched_tokens)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -118,9 +118,11 @@ class _Forwarder:
     """Stands in for the Scheduler at the ingress: submit() starts a streaming call to an
     engine replica and feeds its events into the request's queue."""
 
-    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, stall_seconds: float):
+    def __init__(self, handle, affinity: bool, max_running: int, max_waiting: int, stall_seconds: float,
+                 max_batched_tokens: int):
         self.handle, self.affinity = handle, affinity
         self.max_running, self.max_waiting, self.stall_seconds = max_running, max_waiting, stall_seconds
+        self.max_batched_tokens = max_batched_tokens  # each replica's, as /info reports it
         self.draining = False  # Serve drains the ingress itself
         self.tasks: dict[int, asyncio.Task] = {}
 
@@ -250,7 +252,8 @@ class Ingress:
         limits = Limits.from_args(args, tok.max_seq_len)
         store = Store(args.adapter_dir, tok.shape, max_bytes=limits.max_upload_bytes, capacity=tok.capacity,
                       refresh_seconds=refresh_seconds)
-        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, args.stall_seconds)
+        fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, args.stall_seconds,
+                         args.max_num_batched_tokens)
         residency = SimpleNamespace(tier=lambda key: "disk")  # the ingress holds none: the store has it
         self.state = ServerState(tok, store, residency, fwd, Metrics(tok.name), Auth.from_file(args.api_keys), tok.name,
                                  limits)

@@ -75,6 +75,8 @@ def register_openai_routes(app: FastAPI, state) -> None:
         params, fit = params_of(body, body.max_tokens)
         params = await constrained(body, params)
         ids = await _encode(state, prompt)
+        if body.echo and body.logprobs is not None:  # the echoed prompt comes with its tokens' logprobs
+            params = dataclasses.replace(params, prompt_logprobs=True)
         reqs = await start_all(p, body, ids, params, fit, request)
         echo = (prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(ids)) if body.echo else ""
         return await respond(reqs, request, body, chat=False, echo=echo)
@@ -106,8 +108,33 @@ def register_openai_routes(app: FastAPI, state) -> None:
             offsets.append(pos)
             pos += len(e.text)
         return {"tokens": [token_str(e.token_id) for e in events], "token_logprobs": [e.logprob[0] for e in events],
-                "top_logprobs": [{token_str(t): lp for t, lp in e.logprob[1]} for e in events],
+                "top_logprobs": [top_by_text(e.logprob[1]) for e in events],
                 "text_offset": offsets}
+
+    def top_by_text(pairs) -> dict:
+        """OpenAI's top_logprobs map text -> logprob; tokens of one text (byte pieces) keep the
+        most likely's logprob (pairs come most likely first)."""
+        out = {}
+        for t, lp in pairs:
+            out.setdefault(token_str(t), lp)
+        return out
+
+    def prompt_logprobs_of(req) -> dict:
+        """The echoed prompt's part of a completion's logprobs: each prompt token, the first
+        without a logprob (nothing comes before it), as OpenAI's legacy completions give it."""
+        toks, offsets, pos = [], [], 0
+        for t in req.prompt_ids:
+            toks.append(token_str(t))
+            offsets.append(pos)
+            pos += len(toks[-1])
+        entries = req.seq.prompt_logprobs
+        return {"tokens": toks, "token_logprobs": [e[0] if e else None for e in entries],
+                "top_logprobs": [top_by_text(e[1]) if e else None for e in entries],
+                "text_offset": offsets}
+
+    def with_prompt(req, lps: dict | None) -> dict:
+        head = prompt_logprobs_of(req)
+        return {k: head[k] + (lps[k] if lps else []) for k in head}
 
     async def respond(reqs, request: Request, body, chat: bool, echo: str = ""):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -122,12 +149,15 @@ def register_openai_routes(app: FastAPI, state) -> None:
                     state.scheduler.cancel(r)
                 raise
             used = sum(len(evs) for evs, _ in results)
+            ranked = list(zip(reqs, results))
             if len(results) > body.n:  # best_of: the n most likely completions
-                results = sorted(results, key=lambda x: -sum(e.logprob[0] for e in x[0]))[: body.n]
+                ranked = sorted(ranked, key=lambda x: -sum(e.logprob[0] for e in x[1][0]))[: body.n]
             choices = []
-            for i, (evs, reason) in enumerate(results):
+            for i, (req, (evs, reason)) in enumerate(ranked):
                 text = "".join(e.text for e in evs)
                 lps = logprobs_of(evs, chat, len(echo)) if body.wanted_logprobs() is not None else None
+                if echo and req.params.prompt_logprobs:
+                    lps = with_prompt(req, lps)
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lps,
                                 "finish_reason": reason} if chat else
                                {"index": i, "text": echo + text, "finish_reason": reason, "logprobs": lps})
@@ -143,10 +173,14 @@ def register_openai_routes(app: FastAPI, state) -> None:
 
         async def events():
             first, used = [True] * len(reqs), 0
-            if echo:
+            scored = echo and reqs[0].params.prompt_logprobs  # each echo comes with its first event
+            if echo and not scored:
                 yield chunk([{"index": i, "text": echo, "finish_reason": None, "logprobs": None}
                              for i in range(len(reqs))], **extra)
             async for i, ev in _events(state, reqs):
+                if scored and first[i] and ev.kind != "error":
+                    yield chunk([{"index": i, "text": echo, "finish_reason": None,
+                                  "logprobs": with_prompt(reqs[i], None)}], **extra)
                 used += ev.kind == "token"
                 if ev.kind == "error":  # the final event says why; clients stop at [DONE]
                     yield _sse({"error": {"message": ev.message, "type": _event_error_type(ev), "code": ev.status}})

@@ -4,9 +4,13 @@ and a stream whose last token event carries generated_text and details."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from engine.errors import InputError
 from server.schemas import TGIRequest
 from server.scheduler import Event
 
@@ -36,13 +40,26 @@ def register_tgi_routes(app: FastAPI, state) -> None:
             repetition_penalty=q.repetition_penalty or 1.0, frequency_penalty=q.frequency_penalty or 0.0,
             seed=q.seed, ignore_eos=q.ignore_eos,
             # TGI reports every token's logprob (details, streams): one log-softmax per row and step
-            logprobs=q.top_n_tokens or 0)
+            logprobs=q.top_n_tokens or 0, prompt_logprobs=q.decoder_input_details)
         if q.grammar is not None:
             params = await _with_grammar(state, params, True, q.grammar.value, "grammar")
         ids = await _encode(state, body.inputs)
         if q.truncate is not None:
             ids = ids[-q.truncate:]
-        return await _start(state, p, q.adapter_id, ids, params, request=request), q
+        k = q.best_of or 1
+        if k > 1 and not sample:
+            raise InputError("best_of > 1 needs sampling: set do_sample or a temperature above 0 (as TGI)")
+        reqs = []
+        try:
+            for i in range(k):  # as OpenAI's best_of: sequence i draws with seed + i
+                seed = None if params.seed is None else (params.seed + i) % 2**64
+                reqs.append(await _start(state, p, q.adapter_id, ids, dataclasses.replace(params, seed=seed),
+                                         request=request))
+        except BaseException:
+            for r in reqs:
+                state.scheduler.cancel(r)
+            raise
+        return reqs, q
 
     def final(req, q, events: list[Event], reason: str, prefix: str) -> dict:
         reason = {"stop": "eos_token", "length": "length"}.get(reason, reason)
@@ -52,7 +69,9 @@ def register_tgi_routes(app: FastAPI, state) -> None:
         details = {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "generated_tokens": len(events),
                    "seed": req.params.seed}
         if q.details:
-            details.update(prefill=[], tokens=[token(e) for e in events])
+            prefill = [{"id": t, "text": tok.decode([t], skip_special_tokens=False), "logprob": lp[0] if lp else None}
+                       for t, lp in zip(req.prompt_ids, req.seq.prompt_logprobs)] if q.decoder_input_details else []
+            details.update(prefill=prefill, tokens=[token(e) for e in events])
             if q.top_n_tokens:
                 details["top_tokens"] = [top(e) for e in events]
         return {**out, "details": details}
@@ -63,13 +82,33 @@ def register_tgi_routes(app: FastAPI, state) -> None:
         """TGI's /generate; TGI's POST / is the same route, streaming when `stream` is set."""
         if body.stream:
             return await generate_stream(body, request)
-        req, q = await start(body, request)
-        events, reason = await _collect(state, req, request)
-        return final(req, q, events, reason, body.inputs if q.return_full_text else "")
+        reqs, q = await start(body, request)
+        prefix = body.inputs if q.return_full_text else ""
+        try:
+            results = await asyncio.gather(*(_collect(state, r, request) for r in reqs))
+        except BaseException:
+            for r in reqs:
+                state.scheduler.cancel(r)
+            raise
+        outs = [final(r, q, evs, reason, prefix) for r, (evs, reason) in zip(reqs, results)]
+        if len(outs) == 1:
+            return outs[0]
+        # the most likely sequence answers; TGI lists the others, best first, with its details
+        score = [sum(e.logprob[0] for e in evs) for evs, _ in results]
+        order = sorted(range(len(outs)), key=lambda i: -score[i])
+        best, others = outs[order[0]], [outs[i] for i in order[1:]]
+        if q.details:
+            best["details"]["best_of_sequences"] = [{"generated_text": o["generated_text"], **o["details"]}
+                                                    for o in others]
+        return best
 
     @app.post("/generate_stream")
     async def generate_stream(body: TGIRequest, request: Request):
-        req, q = await start(body, request)
+        q = body.parameters
+        for name, on in (("decoder_input_details", q.decoder_input_details), ("best_of", (q.best_of or 1) > 1)):
+            if on:
+                raise InputError(f"{name} is not supported when streaming tokens (as TGI)")
+        (req,), q = await start(body, request)
         prefix = body.inputs if q.return_full_text else ""
 
         def event(ev: Event, last: dict | None) -> str:

@@ -2,8 +2,10 @@
 
 Each step: finish cancelled requests; admit waiting requests while KV slots allow and their
 adapter is on the device (a request whose adapter is still loading stays queued and the
-others go ahead); prefill the admitted ones together; decode one token for every running
-request in one forward, whatever their adapters and adapter types. A request leaves on EOS,
+others go ahead); then one forward holds a token for every decoding request and, within the
+step's token budget (`max_batched_tokens`), chunks of the prompts being prefilled, oldest
+admission first, whatever their adapters and adapter types (chunked prefill: a long prompt
+costs every running request a bounded delay per step, not its whole prefill at once). A request leaves on EOS,
 a stop string, its token limit, cancellation or client disconnect, and its KV slot and its
 adapter pin are released at once. Events reach the HTTP side through each request's asyncio
 queue (call_soon_threadsafe), so the event loop never blocks on the model.
@@ -22,12 +24,17 @@ from dataclasses import dataclass, field
 from adapters.base import AdapterError
 from engine.errors import QaaError
 from engine.sampling import SamplingParams
-from engine.steps import Sequence, decode, prefill
+from engine.steps import Sequence, step
 from server.logs import log_request
 from server.residency import Residency
 from server.store import Entry
 
 log = logging.getLogger("qaa_serve.scheduler")
+
+
+DEFAULT_BATCHED_TOKENS = 256
+"""Tokens per step (decode tokens + prefill chunks) unless told otherwise (qaa-serve's
+--max-num-batched-tokens has the same default); see docs/benchmarks.md."""
 
 
 class QueueFull(Exception):
@@ -90,9 +97,14 @@ class Request:
 
 class Scheduler:
     def __init__(self, engine, residency: Residency, max_running: int, max_waiting: int, metrics=None,
-                 stall_seconds: float = 60.0):
+                 stall_seconds: float = 60.0, max_batched_tokens: int = DEFAULT_BATCHED_TOKENS):
         self.engine, self.res, self.metrics = engine, residency, metrics
         self.max_running = min(max_running, engine.cache.n_slots)
+        if max_batched_tokens <= self.max_running:
+            raise ValueError(f"max_batched_tokens ({max_batched_tokens}) must exceed the running requests' limit "
+                             f"({self.max_running}): each step feeds every decoding request one token and "
+                             "prefills with what is left")
+        self.max_batched_tokens = max_batched_tokens
         self.max_waiting = max_waiting
         self.stall_seconds = stall_seconds
         self.waiting: deque[Request] = deque()
@@ -239,42 +251,58 @@ class Scheduler:
             for r in admitted:
                 self.metrics.queue_time.labels(adapter_type=r.adapter_type).observe(now - r.arrived)
                 self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-        if admitted:
-            admitted = self._run("prefill", admitted, prefill)
-        if self.running:
-            self.running = self._run("decode", self.running, decode)
-        ran = bool(admitted or self.running)
-        self.running = [r for r in self.running + admitted if not r.seq.finished]
-        return ran
+        self.running += admitted
+        work = self._plan()
+        if not work:
+            return False
+        self._run(work)
+        self.running = [r for r in self.running if not r.seq.finished]
+        return True
 
-    def _run(self, stage: str, reqs: list[Request], step) -> list[Request]:
-        """One forward over `reqs`; the requests still in it afterwards.
+    def _plan(self) -> list[tuple[Request, int]]:
+        """This step's work: (request, tokens to feed). Every decoding request feeds its last
+        token; what is left of the budget goes to prefill chunks, oldest admission first."""
+        work = [(r, 1) for r in self.running if not r.seq.prefilling]
+        left = self.max_batched_tokens - len(work)
+        for r in sorted((r for r in self.running if r.seq.prefilling), key=lambda r: r.admitted):
+            if left <= 0:
+                break
+            n = min(left, len(r.seq.prompt_ids) - r.seq.prefilled)
+            work.append((r, n))
+            left -= n
+        return work
+
+    def _run(self, work: list[tuple[Request, int]]) -> None:
+        """One forward over `work`.
 
         A forward that raises has changed no sequence (engine.steps samples before it
-        appends), so it is run again one request at a time: a failure that one request
-        causes fails that request alone, and the others lose nothing but time. Tokens are
-        delivered only after the forwards, so a retry never repeats a delivered step."""
+        appends and moves a prefill on only when the step succeeds), so it is run again one
+        request at a time: a failure that one request causes fails that request alone, and
+        the others lose nothing but time. Tokens are delivered only after the forwards, so a
+        retry never repeats a delivered step."""
+        stages = {r.id: "prefill" if r.seq.prefilling else "decode" for r, _ in work}
         try:
-            done = [(reqs, self._forward(stage, reqs, step))]
+            done = [(work, self._forward(work))]
         except Exception as e:
-            if len(reqs) == 1:
-                self._fail(reqs[0], stage, e)
-                return []
+            if len(work) == 1:
+                self._fail(work[0][0], stages[work[0][0].id], e)
+                return
             done = []
-            for r in reqs:
+            for w in work:
                 try:
-                    done.append(([r], self._forward(stage, [r], step)))
+                    done.append(([w], self._forward([w])))
                 except Exception as e:
-                    self._fail(r, stage, e)
-        for rs, texts in done:
-            self._deliver(rs, texts)
-        return [r for rs, _ in done for r in rs]
+                    self._fail(w[0], stages[w[0].id], e)
+        for ws, texts in done:
+            self._deliver([r for r, _ in ws], texts)
 
-    def _forward(self, stage: str, reqs: list[Request], step) -> list[str]:
+    def _forward(self, work: list[tuple[Request, int]]) -> list[str | None]:
         if self.faults is not None:
-            self.faults(stage, reqs)
-        seqs = [r.seq for r in reqs]
-        return step(self.engine.model, self.engine.cache, seqs, self.engine.seams_for(seqs))
+            for stage in ("prefill", "decode"):
+                reqs = [r for r, _ in work if r.seq.prefilling == (stage == "prefill")]
+                if reqs:
+                    self.faults(stage, reqs)
+        return step(self.engine.model, self.engine.cache, [(r.seq, n) for r, n in work], self.engine.seams_for)
 
     def _admit(self) -> list[Request]:
         admitted = []
@@ -315,11 +343,13 @@ class Scheduler:
             except ValueError:
                 pass
 
-    def _deliver(self, reqs: list[Request], texts: list[str]) -> None:
+    def _deliver(self, reqs: list[Request], texts: list[str | None]) -> None:
         now = time.perf_counter()
         for r, text in zip(reqs, texts):
             if r.seq.error is not None:
                 self._fail(r, "generation", r.seq.error)
+                continue
+            if text is None:  # a prefill chunk that did not reach the prompt's end
                 continue
             tok = r.seq.out_ids[-1]
             if self.metrics:

@@ -71,10 +71,12 @@ class TGIParameters(Body):
     do_sample: bool = False
     ignore_eos: bool = False
     """vLLM's extension: generate max_new_tokens whatever the model says (benchmarks)."""
-    best_of: int | None = Field(default=None, ge=1, le=1)
-    """Only 1 (several sequences per request: use OpenAI's n)."""
-    decoder_input_details: Literal[False] = False
-    """Prompt-token logprobs are not computed: refused when true."""
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Sample this many sequences (seeds seed, seed + 1, ...) and return the most likely;
+    the others in details.best_of_sequences. Needs sampling; not with streaming, as TGI."""
+    decoder_input_details: bool = False
+    """With details: every prompt token with its logprob given the ones before it
+    (details.prefill; the first has none). Not with streaming, as TGI."""
     typical_p: None = None
     """Typical sampling is not implemented: refused when set."""
     watermark: Literal[False] = False
@@ -178,8 +180,6 @@ class CompletionRequest(_OpenAIBase):
     def _consistent(self):
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError("best_of must be >= n")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
         return self
 
     def wanted_logprobs(self) -> int | None:

@@ -63,11 +63,11 @@ def main(argv=None):
         seqs = [engine.new_sequence(engine.encode_prompt(p), sp, name) for p in prompts]
         for s in seqs:
             engine.admit(s)
-        prefill(engine.model, engine.cache, seqs, engine.seams_for(seqs))
-        decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+        prefill(engine.model, engine.cache, seqs, engine.seams_for)
+        decode(engine.model, engine.cache, seqs, engine.seams_for)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+            decode(engine.model, engine.cache, seqs, engine.seams_for)
         dt = (time.perf_counter() - t0) / args.steps
         for s in seqs:
             engine.cache.free(s.slot)

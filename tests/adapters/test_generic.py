@@ -105,10 +105,10 @@ def test_mixed_batch_equals_per_row_loop(engines, dtype, kernels, monkeypatch):
             captured = []
             orig = engine.model.lm_head.forward
             engine.model.lm_head.forward = lambda x: captured.append(orig(x)) or captured[-1]
-            prefill(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+            prefill(engine.model, engine.cache, seqs, engine.seams_for)
             step_logits.append(captured[-1])
             for _ in range(5):
-                decode(engine.model, engine.cache, seqs, engine.seams_for(seqs))
+                decode(engine.model, engine.cache, seqs, engine.seams_for)
                 step_logits.append(captured[-1])
     finally:
         engine.model.lm_head.forward = orig

@@ -50,6 +50,12 @@ def test_short_run_and_sweep_complete_with_a_well_formed_report(tiny_dir, tmp_pa
     lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert Counter(x["run"] for x in lines) == {"baseline": 24, "adapters=1": 24, "adapters=8": 24}
     assert all(x["output_tokens"] == x["output_len"] and x["sent"] <= x["first_token"] <= x["end"] for x in lines)
+    # one gap per token chunk after the first (the server sends no chunk for a token whose text
+    # is still incomplete, as vLLM), spanning first token to the last one
+    assert all(len(x["itl"]) <= x["output_tokens"] - 1 and sum(x["itl"]) <= x["end"] - x["first_token"] + 1e-6
+               for x in lines)
+    gaps = sorted(g for x in lines if x["run"] == "baseline" for g in x["itl"])
+    assert runs["baseline"]["itl_s"]["p50"] == pytest.approx((gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2)
     md = (out / "report.md").read_text()
     assert md.count("\n| adapters=") == 2 and "![latency_cdf](latency_cdf.png)" in md and "![sweep](sweep.png)" in md
     for png in ("latency_cdf.png", "sweep.png"):

@@ -188,7 +188,6 @@ def cases(shape, upload_limit: int) -> list[Hostile]:
     add("chat top_logprobs without logprobs", O, chat(top_logprobs=2))
     add("chat top_logprobs 21", O, chat(logprobs=True, top_logprobs=21))
     add("completions best_of below n", O, completion(n=3, best_of=2))
-    add("completions echo with logprobs", O, completion(echo=True, logprobs=2))
     add("completions best_of streamed", O, completion(n=1, best_of=2, stream=True))
     add("chat image content part", O, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]))

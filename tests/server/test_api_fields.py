@@ -191,6 +191,40 @@ def test_echo_returns_the_prompt_first(srv, client):
     assert streamed == echoed
 
 
+def test_echo_with_logprobs_scores_the_prompt_tokens(srv, client, tiny_dir):
+    """OpenAI's legacy completions: with echo and logprobs, the logprobs cover the prompt's
+    tokens first (the first without a logprob), each log p(token | the ones before) from the
+    model's fp32 log-softmax, then the generated tokens as without echo; streamed, the echo
+    chunk carries the prompt's part."""
+    import torch
+
+    from engine.engine import Engine
+
+    m, prompt = srv.state.model_name, "Score my tokens"
+    local = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=64)
+    ids = local.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = local.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    plain = client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, **GREEDY).choices[0]
+    out = client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, echo=True, **GREEDY).choices[0]
+    lp, L = out.logprobs, len(ids)
+    assert out.text == prompt + plain.text
+    assert lp.tokens[:L] == [local.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, L):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        # keyed by text, as OpenAI's: two tokens of one text (byte pieces) share a key
+        assert 1 <= len(lp.top_logprobs[i]) <= 2 and max(lp.top_logprobs[i].values()) == pytest.approx(
+            ref[i - 1].max().item(), abs=1e-4)
+    assert lp.tokens[L:] == plain.logprobs.tokens
+    assert lp.token_logprobs[L:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+    chunks = list(client.completions.create(model=m, prompt=prompt, max_tokens=3, logprobs=2, echo=True, stream=True,
+                                            **GREEDY))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:L], abs=1e-6)
+    assert "".join(c.choices[0].text for c in chunks) == out.text
+
+
 def test_vllm_runtime_lora_loading_only_under_its_root(tiny_dir, tmp_path, srv):
     from adapters.files import save_dir
 
@@ -244,8 +278,59 @@ def test_huggingface_hub_inference_client(srv, monkeypatch):
     assert answers[0] == answers[1]  # no model name: the base model, as TGI serves it
 
 
-@pytest.mark.parametrize("param,value", [("decoder_input_details", True), ("typical_p", 0.5), ("watermark", True),
-                                         ("grammar", {"type": "regex", "value": "a+"}), ("best_of", 2),
+def test_tgi_decoder_input_details_are_the_prompt_tokens_logprobs(srv, tiny_dir, monkeypatch):
+    """details.prefill: every prompt token, the first without a logprob, each other with
+    log p(token | the ones before) from the model's fp32 log-softmax; refused when streaming."""
+    import huggingface_hub.constants
+    import torch
+    from huggingface_hub import InferenceClient
+
+    from engine.engine import Engine
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub = InferenceClient(base_url=srv.url)
+    prompt = "the prompt's own tokens, scored"
+    out = hub.text_generation(prompt, max_new_tokens=2, details=True, decoder_input_details=True)
+    local = Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=64)
+    ids = local.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = local.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    pre = out.details.prefill
+    assert [t.id for t in pre] == ids and pre[0].logprob is None
+    assert "".join(t.text for t in pre) == local.tokenizer.decode(ids, skip_special_tokens=False)
+    for i in range(1, len(ids)):
+        assert pre[i].logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    plain = hub.text_generation(prompt, max_new_tokens=2, details=True)
+    assert plain.details.prefill == [] and plain.generated_text == out.generated_text
+    r = httpx.post(srv.url + "/generate_stream", json={"inputs": prompt, "parameters": {"decoder_input_details": True}})
+    assert r.status_code == 422 and "decoder_input_details" in r.json()["error"]
+
+
+def test_tgi_best_of_returns_the_most_likely_of_its_seeded_sequences(srv, monkeypatch):
+    """best_of=3 with seed s: the three sequences are exactly those of seeds s, s+1, s+2 asked
+    one by one; the answer is the one with the highest logprob sum, the others follow in
+    details.best_of_sequences. Greedy or streamed best_of is refused by name."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub = InferenceClient(base_url=srv.url)
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, details=True)
+    out = hub.text_generation("Pick one", best_of=3, seed=40, **kw)
+    singles = {hub.text_generation("Pick one", seed=40 + i, **kw).generated_text: i for i in range(3)}
+    seqs = [(out.generated_text, out.details.tokens), *((b.generated_text, b.tokens) for b in out.details.best_of_sequences)]
+    assert len(seqs) == 3 and sorted(singles[text] for text, _ in seqs) == [0, 1, 2]
+    sums = [sum(t.logprob for t in tokens) for _, tokens in seqs]
+    assert sums == sorted(sums, reverse=True) and len(set(singles)) > 1
+    assert hub.text_generation("Pick one", best_of=3, seed=40, **kw).generated_text == out.generated_text
+    greedy = httpx.post(srv.url + "/generate", json={"inputs": "x", "parameters": {"best_of": 2}})
+    streamed = httpx.post(srv.url + "/generate_stream", json={"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}})
+    assert greedy.status_code == streamed.status_code == 422
+    assert "best_of" in greedy.json()["error"] and "best_of" in streamed.json()["error"]
+
+
+@pytest.mark.parametrize("param,value", [("typical_p", 0.5), ("watermark", True),
+                                         ("grammar", {"type": "regex", "value": "a+"}),
                                          ("no_such_parameter", 1)])
 def test_tgi_parameters_not_implemented_are_refused_by_name(srv, param, value):
     r = httpx.post(srv.url + "/generate", json={"inputs": "x", "parameters": {param: value}})

@@ -31,7 +31,8 @@ COVERED = {
     "repetition_penalty": (ENGINE, "test_sampler_matches_transformers_logits_processors"),
     "seed": (FIELDS, "test_n_with_a_seed_is_n_different_completions_repeatably"),
     "n": (FIELDS, "test_n_with_a_seed_is_n_different_completions_repeatably"),
-    "best_of": (FIELDS, "test_n_with_a_seed_is_n_different_completions_repeatably"),
+    "best_of": (FIELDS, "test_n_with_a_seed_is_n_different_completions_repeatably"),  # and TGI's:
+    # test_tgi_best_of_returns_the_most_likely_of_its_seeded_sequences
     "stream": (API, "test_openai_client"), "stream_options": (API, "test_openai_client"),
     "include_usage": (API, "test_openai_client"),
     "stop": (ENGINE, "test_stop_string_ends_text_before_it"),
@@ -44,7 +45,8 @@ COVERED = {
     "stop_token_ids": (ENGINE, "test_logit_bias_bans_a_token_and_min_tokens_holds_back_eos"),
     "logprobs": (FIELDS, "test_logprobs_are_the_log_softmax_of_the_models_logits"),
     "top_logprobs": (FIELDS, "test_chat_logprobs_and_top_logprobs"),
-    "echo": (FIELDS, "test_echo_returns_the_prompt_first"),
+    "echo": (FIELDS, "test_echo_returns_the_prompt_first"),  # with logprobs:
+    # test_echo_with_logprobs_scores_the_prompt_tokens
     "role": (FIELDS, "test_content_parts_and_roles"), "content": (FIELDS, "test_content_parts_and_roles"),
     "name": (FIELDS, "test_content_parts_and_roles"), "tool_call_id": (FIELDS, "test_content_parts_and_roles"),
     "type": (FIELDS, "test_content_parts_and_roles"), "text": (FIELDS, "test_content_parts_and_roles"),
@@ -58,6 +60,7 @@ COVERED = {
     "return_full_text": (FIELDS, "test_tgi_full_text_and_truncate"),
     "truncate": (FIELDS, "test_tgi_full_text_and_truncate"),
     "do_sample": (ENGINE, "test_seeded_sampling_is_reproducible_and_batch_independent"),
+    "decoder_input_details": (FIELDS, "test_tgi_decoder_input_details_are_the_prompt_tokens_logprobs"),
     # constrained decoding
     "response_format": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),
     "json_schema": (CONSTRAINED, "test_every_row_follows_its_own_schema_in_one_mixed_batch"),
@@ -71,7 +74,7 @@ REFUSED = {
     # fields present only to be refused by name when set
     **{k: (FIELDS, "test_unimplemented_or_inconsistent_fields_are_refused_by_name") for k in UNSUPPORTED},
     **{k: (FIELDS, "test_tgi_parameters_not_implemented_are_refused_by_name")
-       for k in ("decoder_input_details", "typical_p", "watermark")},
+       for k in ("typical_p", "watermark")},
     "adapter_source": (HOSTILE, "test_hostile_inputs_get_4xx_fast_and_hurt_no_other_tenant"),
 }
 MODELS = [TGIParameters, TGIRequest, TGIGrammar, CompletionRequest, ChatRequest, ChatMessage, ContentPart,
