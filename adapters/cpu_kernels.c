@@ -1,9 +1,29 @@
-/* Adapter kernels for the CPU (fp32). Serving: one call per module for all rows; each reads
- * the slot banks directly (no per-row gather) and adds into the base output in place.
- * Training: QAA RX <Z> and its gradient. Built and loaded by cpu_kernels.py.
+/* Adapter kernels for the CPU. Serving: one call per module for all rows; each reads the slot
+ * banks directly (no per-row gather) and adds into the base output in place. Activations are
+ * fp32 or bf16 (the model's dtype; each serving kernel exists once per dtype, suffixed _f32 /
+ * _bf16); the arithmetic is fp32 throughout, and a bf16 output is rounded once, when written.
+ * Training: QAA RX <Z> and its gradient, fp32. Built and loaded by cpu_kernels.py.
  */
 #include <stdint.h>
 #include <string.h>
+
+/* bf16 is the top half of an fp32: widening is a shift; narrowing rounds to nearest even, as
+ * torch does (NaN stays a quiet NaN). With -march=native on a CPU with avx512_bf16 the
+ * compiler may use its conversion instructions; the result is the same. */
+typedef uint16_t bf16;
+static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
+static inline void st_f32(float *p, int64_t i, float v) { p[i] = v; }
+static inline float ld_bf16(const bf16 *p, int64_t i) {
+    uint32_t u = (uint32_t)p[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void st_bf16(bf16 *p, int64_t i, float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    p[i] = (u & 0x7fffffffu) > 0x7f800000u ? (bf16)((u >> 16) | 0x40u) : (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 /* ---- QAA, RX circuits ----------------------------------------------------------------
  * Same math as adapters/circuit.py `expectations` + QAABank's up-projection, for each
@@ -44,13 +64,10 @@ static void fwht(float *x, int64_t N) {
             }
 }
 
-/* u = WHT(pad(h_v)), re/im = WHT(u * cs/sn), y = WHT(re^2 + im^2): the chain every QAA RX
- * kernel runs per vector (y[0] = sum p, y[mask_q] = the unnormalised <Z_q>). */
-static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
-                     float *u, float *re, float *im, float *y) {
-    memcpy(u, hv, d * sizeof(float));
-    memset(u + d, 0, (N - d) * sizeof(float));
-    fwht(u, N);
+/* re/im = WHT(u * cs/sn), y = WHT(re^2 + im^2), given u = WHT(pad(h_v)): the chain every QAA
+ * RX kernel runs per vector (y[0] = sum p, y[mask_q] = the unnormalised <Z_q>). */
+static void rx_chain_u(int64_t N, const float *cs, const float *sn, const float *u, float *re, float *im,
+                       float *y) {
     for (int64_t j = 0; j < N; j++) {
         re[j] = u[j] * cs[j];
         im[j] = u[j] * sn[j];
@@ -61,63 +78,92 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
     fwht(y, N);
 }
 
-/* h: (B, T, d) contiguous; rows[i], slots[i]: the rows to adapt and their slots; vectors
- * v0 <= i * T + t < v1 of them are done (split over OpenMP threads when there are many);
- * phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks: (n,). The 4 N floats
- * of scratch live on the stack, which stays in cache between calls. */
-void qaa_rx_residual(float *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots,
-                     int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n,
-                     const int64_t *masks, int64_t threads) {
-    const int64_t N = (int64_t)1 << n;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 8)
-    for (int64_t iv = v0; iv < v1; iv++) {
-        const int64_t i = iv / T, t = iv % T;
-        float work[4 * N];
-        float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;
-        const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;
-        const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;
-        float *hv = h + (rows[i] * T + t) * d;
-        rx_chain(hv, d, N, cs, sn, u, re, im, y);
-        const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f; /* y[0] = sum_j p_j */
-        for (int64_t q = 0; q < n; q++) {
-            const float zq = y[masks[q]] * inv, *wq = w + q * d;
-            for (int64_t k = 0; k < d; k++) hv[k] += zq * wq[k];
-        }
-        for (int64_t k = 0; k < d; k++) hv[k] += b[k];
-    }
+static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
+                     float *u, float *re, float *im, float *y) {
+    memcpy(u, hv, d * sizeof(float));
+    memset(u + d, 0, (N - d) * sizeof(float));
+    fwht(u, N);
+    rx_chain_u(N, cs, sn, u, re, im, y);
 }
+
+/* h: (B, T, d) contiguous, of type T_ (float or bf16); rows[i], slots[i]: the rows to adapt
+ * and their slots; vectors v0 <= i * T + t < v1 of them are done (split over OpenMP threads
+ * when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks:
+ * (n,). The circuit, <Z> and the up-projection are fp32 whatever h's type (<Z> always is: see
+ * DESIGN.md); h_v + W_up z + b is summed in fp32 and rounded once. The 4 N floats of scratch
+ * live on the stack, which stays in cache between calls. */
+#define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST)                                                           \
+    void qaa_rx_residual_##SUFFIX(T_ *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots, \
+                                  int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n, \
+                                  const int64_t *masks, int64_t threads) {                              \
+        const int64_t N = (int64_t)1 << n;                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 2)") \
+        for (int64_t iv = v0; iv < v1; iv++) {                                                          \
+            const int64_t i = iv / T, t = iv % T;                                                       \
+            float work[4 * N];                                                                          \
+            float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
+            const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
+            const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
+            T_ *hv = h + (rows[i] * T + t) * d;                                                         \
+            for (int64_t k = 0; k < d; k++) u[k] = LD(hv, k);                                           \
+            memset(u + d, 0, (N - d) * sizeof(float));                                                 \
+            fwht(u, N);                                                                                 \
+            rx_chain_u(N, cs, sn, u, re, im, y);                                                        \
+            const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f; /* y[0] = sum_j p_j */                 \
+            float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                          \
+            for (int64_t k = 0; k < d; k++) acc[k] = LD(hv, k);                                         \
+            for (int64_t q = 0; q < n; q++) {                                                           \
+                const float zq = y[masks[q]] * inv, *wq = w + q * d;                                    \
+                for (int64_t k = 0; k < d; k++) acc[k] += zq * wq[k];                                   \
+            }                                                                                           \
+            for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + b[k]);                                   \
+        }                                                                                               \
+    }
+QAA_RX_RESIDUAL(f32, float, ld_f32, st_f32)
+QAA_RX_RESIDUAL(bf16, bf16, ld_bf16, st_bf16)
 
 /* ---- LoRA (and SoRA, its gates folded into B) -----------------------------------------
  * For each listed row b = rows[i] with slot s = slots[i] and r = ranks[s] (0: the slot does
  * not adapt this module, the row is skipped), and each of its T tokens:
  *     y[b, t] += (x[b, t] @ A[s, :r].T) @ Bt[s, :r]
  * x, y: row b, token t at x + b * xs0 + t * xs1 (last dim contiguous; y may be a column
- * slice of a fused q|k|v output). A (S, R, din), Bt (S, R, dout); R <= 256. */
-void lora_delta(float *y, int64_t ys0, int64_t ys1, const float *x, int64_t xs0, int64_t xs1,
-                int64_t T, int64_t din, int64_t dout, const int64_t *rows, const int64_t *slots,
-                int64_t n_rows, const int64_t *ranks, const float *A, const float *Bt, int64_t R,
-                int64_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n_rows * T >= 8)
-    for (int64_t iv = 0; iv < n_rows * T; iv++) {
-        const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];
-        if (r == 0) continue;
-        const float *a = A + s * R * din, *bt = Bt + s * R * dout;
-        const float *xv = x + rows[i] * xs0 + t * xs1;
-        float *yv = y + rows[i] * ys0 + t * ys1;
-        float tmp[256];
-        for (int64_t k = 0; k < r; k++) {
-            const float *ak = a + k * din;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < din; j++) acc += xv[j] * ak[j];
-            tmp[k] = acc;
-        }
-        for (int64_t k = 0; k < r; k++) {
-            const float c = tmp[k], *bk = bt + k * dout;
-            for (int64_t j = 0; j < dout; j++) yv[j] += c * bk[j];
-        }
+ * slice of a fused q|k|v output). A (S, R, din), Bt (S, R, dout); R <= 256. x and y are
+ * fp32 or bf16 (T_), the bank's A and Bt fp32 or bf16 (W_); the dot products and the sum over
+ * k run in fp32, and y[b, t] is rounded once, when written. Variants: _f32 (all fp32), _bf16
+ * (all bf16), _bf16_w32 (bf16 activations, fp32 bank). */
+#define LORA_DELTA(SUFFIX, T_, LD, ST, W_, LDW)                                                      \
+    void lora_delta_##SUFFIX(T_ *y, int64_t ys0, int64_t ys1, const T_ *x, int64_t xs0, int64_t xs1,      \
+                             int64_t T, int64_t din, int64_t dout, const int64_t *rows, const int64_t *slots, \
+                             int64_t n_rows, const int64_t *ranks, const W_ *A, const W_ *Bt, int64_t R,  \
+                             int64_t threads) {                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n_rows * T >= 8)") \
+        for (int64_t iv = 0; iv < n_rows * T; iv++) {                                                     \
+            const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];                             \
+            if (r == 0) continue;                                                                         \
+            const W_ *a = A + s * R * din, *bt = Bt + s * R * dout;                                       \
+            const T_ *xv = x + rows[i] * xs0 + t * xs1;                                                   \
+            T_ *yv = y + rows[i] * ys0 + t * ys1;                                                         \
+            float tmp[256], xf[din], acc[dout];                                                           \
+            for (int64_t j = 0; j < din; j++) xf[j] = LD(xv, j);                                          \
+            for (int64_t k = 0; k < r; k++) {                                                             \
+                const W_ *ak = a + k * din;                                                               \
+                float s_ = 0.0f;                                                                          \
+                _Pragma("omp simd reduction(+ : s_)")                                                    \
+                for (int64_t j = 0; j < din; j++) s_ += xf[j] * LDW(ak, j);                               \
+                tmp[k] = s_;                                                                              \
+            }                                                                                             \
+            for (int64_t j = 0; j < dout; j++) acc[j] = LD(yv, j);                                        \
+            for (int64_t k = 0; k < r; k++) {                                                             \
+                const float c = tmp[k];                                                                   \
+                const W_ *bk = bt + k * dout;                                                             \
+                for (int64_t j = 0; j < dout; j++) acc[j] += c * LDW(bk, j);                              \
+            }                                                                                             \
+            for (int64_t j = 0; j < dout; j++) ST(yv, j, acc[j]);                                         \
+        }                                                                                                 \
     }
-}
+LORA_DELTA(f32, float, ld_f32, st_f32, float, ld_f32)
+LORA_DELTA(bf16, bf16, ld_bf16, st_bf16, bf16, ld_bf16)
+LORA_DELTA(bf16_w32, bf16, ld_bf16, st_bf16, float, ld_f32)
 
 /* ---- QAA RX <Z> for training: one circuit (cs, sn) for M vectors, and its gradient ------
  * Forward: z[v, q] = y[mask_q] / y[0], y = WHT(p), p = WHT(u*cs)^2 + WHT(u*sn)^2, u = WHT(pad h_v)

@@ -41,6 +41,11 @@ MAX_TOKENS = 64
 (QAA's kernel beats its torch path at every size measured, up to 512 tokens; no limit.)"""
 MAX_LORA_RANK = 256
 """tmp[] in lora_delta."""
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+"""The activation dtypes the serving kernels take (the model's dtype), and their symbols' suffix."""
+LORA_VARIANTS = {(torch.float32, torch.float32): "f32", (torch.bfloat16, torch.bfloat16): "bf16",
+                 (torch.bfloat16, torch.float32): "bf16_w32"}
+"""(activation dtype, LoRA bank dtype) -> lora_delta's suffix."""
 
 
 def _cpu_id() -> str:
@@ -77,12 +82,15 @@ def library():
                       "using the torch path", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    so.qaa_rx_residual.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64]
-    so.lora_delta.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
-    so.qaa_rx_z.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
-    so.qaa_rx_z_backward.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]
-    for f in (so.qaa_rx_residual, so.lora_delta, so.qaa_rx_z, so.qaa_rx_z_backward):
-        f.restype = None
+    argtypes = {"qaa_rx_z": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr],
+                "qaa_rx_z_backward": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]}
+    for sfx in SUFFIX.values():
+        argtypes[f"qaa_rx_residual_{sfx}"] = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64]
+    for sfx in LORA_VARIANTS.values():
+        argtypes[f"lora_delta_{sfx}"] = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
+    for name, types in argtypes.items():
+        f = getattr(so, name)
+        f.argtypes, f.restype = types, None
     return so
 
 
@@ -101,22 +109,29 @@ def masks(n: int, L: int) -> torch.Tensor:
     return torch.tensor(m, dtype=torch.int64)
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """The kernels take fp32 CPU tensors whose last dim is contiguous."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) \
-        and library() is not None
+def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
+    """The serving kernels take CPU tensors of one dtype among `dtypes` (fp32 or bf16; training's
+    rx_z: fp32 only) whose last dim is contiguous."""
+    dtype = tensors[0].dtype
+    for t in tensors:  # a loop, not all(genexpr): this runs twice per adapted module per step
+        if t.dtype != dtype or t.stride(-1) != 1 or t.device.type != "cpu":
+            return False
+    return dtype in dtypes and library() is not None
 
 
 def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor,
             upb: torch.Tensor, n: int, L: int) -> torch.Tensor:
     """In place: h[rows[i]] += W_up z + b with slot slots[i]'s RX circuit, for every i.
 
-    h (B, T, d) fp32 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n); upb (S, n + 1, d).
+    h (B, T, d) fp32 or bf16 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n) and upb
+    (S, n + 1, d) fp32 (the circuit and <Z> are fp32 whatever h's dtype).
     """
     assert h.is_contiguous() and phase.is_contiguous() and upb.is_contiguous()
+    assert phase.dtype == upb.dtype == torch.float32
     B, T, d = h.shape
     m = masks(n, L)
-    library().qaa_rx_residual(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), 0, rows.numel() * T,
+    fn = getattr(library(), f"qaa_rx_residual_{SUFFIX[h.dtype]}")
+    fn(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), 0, rows.numel() * T,
                               phase.data_ptr(), upb.data_ptr(), n, m.data_ptr(), torch.get_num_threads())
     return h
 
@@ -126,11 +141,13 @@ def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Ten
     """In place: y[rows[i]] += x[rows[i]] @ A[s, :r].T @ Bt[s, :r], s = slots[i], r = ranks[s].
 
     x (B, T, din), y (B, T, dout) with contiguous last dims (y may be a slice of a wider
-    output); A (S, R, din), Bt (S, R, dout) contiguous; ranks (S,) int64.
+    output), fp32 or bf16; A (S, R, din), Bt (S, R, dout) contiguous, of x's dtype or fp32;
+    ranks (S,) int64.
     """
-    assert A.is_contiguous() and Bt.is_contiguous() and A.shape[1] <= MAX_LORA_RANK
+    assert A.is_contiguous() and Bt.is_contiguous() and A.shape[1] <= MAX_LORA_RANK and A.dtype == Bt.dtype
     T = x.shape[1]
-    library().lora_delta(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), T,
+    fn = getattr(library(), f"lora_delta_{LORA_VARIANTS[(x.dtype, A.dtype)]}")
+    fn(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), T,
                          x.shape[2], y.shape[2], rows.data_ptr(), slots.data_ptr(), rows.numel(),
                          ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1], torch.get_num_threads())
     return y
@@ -166,5 +183,5 @@ class _RXZ(torch.autograd.Function):
 
 def rx_z(h: torch.Tensor, compiled: torch.Tensor, n: int, L: int) -> torch.Tensor:
     """<Z> (..., n) of an RX circuit compiled to (2, 2^n) = (cos, sin), differentiable in h and
-    in `compiled` (so in the angles); h fp32 on the CPU (see `usable`)."""
+    in `compiled` (so in the angles); h fp32 on the CPU (see `usable`: dtypes=(torch.float32,))."""
     return _RXZ.apply(h, compiled[0], compiled[1], n, L)

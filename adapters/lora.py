@@ -252,8 +252,9 @@ class LoraBank:
     just the first r columns, r = the largest rank among them (the rest is zero padding).
     The per-row weights gathered for a batch are kept (one composition per module) until a
     slot or the composition changes, because decode steps repeat the same batch composition.
-    Up to cpu_kernels.MAX_TOKENS fp32 tokens on the CPU go through the fused kernel instead:
-    one call per module, reading the slots directly, adding into y in place.
+    Up to cpu_kernels.MAX_TOKENS fp32 or bf16 tokens on the CPU go through the fused kernel
+    instead: one call per module, reading the slots directly, adding into y in place (fp32
+    arithmetic, y rounded once). The banks hold the model's dtype.
 
     `linear_static` is the same loop for a captured step (engine.graph): every row, every
     module the bank holds, the first `width` ranks; no host-side routing.

@@ -127,14 +127,14 @@ class QAAType(AdapterType):
         cfg = ad.config
         if cfg.gradient == "parameter-shift":
             z = circuit_z_shift(h, theta, cfg.rotation)
-        elif cfg.rotation == "RX" and cpu_kernels.usable(h):  # training on the CPU: the fused kernel pair
+        elif cfg.rotation == "RX" and cpu_kernels.usable(h, dtypes=(torch.float32,)):  # training on the CPU: the fused kernel pair
             z = cpu_kernels.rx_z(h, compile_circuit(theta, "RX"), theta.shape[1], theta.shape[0])
         else:
             z = circuit_z(h, theta, cfg.rotation)
         delta = z @ ad.tensors[key(layer, where, "up.weight")].t().float()
         if cfg.bias:
             delta = delta + ad.tensors[key(layer, where, "up.bias")].float()
-        return h + delta.to(h.dtype)
+        return h + delta if h.dtype == torch.float32 else (h.float() + delta).to(h.dtype)  # rounded once
 
     def compiled(self, ad):
         """({(layer, where): (*circuit, W_up, b)}, variant, emulated) with the circuit compiled
@@ -176,7 +176,8 @@ class QAABank:
     Per module (layer, where) and variant: the compiled circuit (RX: (S, 2, 2^n) cos/sin of
     the total phase; RY: Kronecker factors (S, L, 2^a, 2^a), (S, L, 2^b, 2^b)) and [W_up | b]
     stacked as (S, n + 1, d), all fp32 (the circuit's precision does not follow the model's
-    dtype). Slot 0 stays empty.
+    dtype: <Z> and the up-projection are fp32, and a bf16/fp16 h gets h + delta rounded once).
+    Slot 0 stays empty.
 
     `residual(layer, where, h, route)` has the semantics of this reference loop:
         for b in range(len(h)):
@@ -184,8 +185,8 @@ class QAABank:
             if s and (layer, where) in adapter(s):
                 h[b] = h[b] + W_up[s] @ Z(h[b]; circuit[s]) + b[s]
     computed for all rows of one variant at once (per-row compiled tensors gathered by slot):
-    [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules on fp32 CPU states go
-    through the fused kernel instead (one call per module, reading the bank's slots directly;
+    [Z, 1] @ [W_up | b]^T added to h in one batched matmul. RX modules on fp32 or bf16 CPU
+    states go through the fused kernel instead (one call per module, reading the bank's slots directly;
     same semantics).
 
     A slot loaded with an emulation (config qaa_shots / qaa_noise) replaces Z(h[b]; circuit[s])
@@ -275,12 +276,9 @@ class QAABank:
             *circuit, upb = self._gather((layer, where, variant), sl)
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
-            z1 = expectations(x, compiled, rotation, self.n, L, with_one=True)  # (B', T, n + 1): [Z, 1]
-            if rows is None and h.dtype == torch.float32:
-                h = torch.baddbmm(h, z1, upb)  # h + Z W_up^T + b, one op
-            else:
-                delta = torch.bmm(z1, upb).to(h.dtype)  # (B', T, d)
-                h = h + delta if rows is None else h.index_add_(0, rows, delta)
+            z1 = expectations(x, compiled, rotation, self.n, L, with_one=True)  # (B', T, n + 1): [Z, 1], fp32
+            new = torch.baddbmm(x.float(), z1, upb).to(h.dtype)  # x + Z W_up^T + b in fp32, one op, rounded once
+            h = new if rows is None else h.index_copy_(0, rows, new)
         return h
 
     def residual_static(self, layer, where, h, slots):
@@ -311,8 +309,8 @@ class QAABank:
             z = shot_z(x, compiled, rotation, self.n, L, emu.shots, gen)
         else:
             z = noisy_z(x.float(), noisy[(layer, where)])
-        delta = (z @ upb[slot, : self.n] + upb[slot, self.n]).to(h.dtype)  # (B', T, d)
-        return h + delta if rows is None else h.index_add_(0, rows, delta)
+        new = (x.float() + z @ upb[slot, : self.n] + upb[slot, self.n]).to(h.dtype)  # (B', T, d)
+        return new if rows is None else h.index_copy_(0, rows, new)
 
     def _gather(self, key, sl: tuple):
         # decode steps repeat the same batch composition: gather per-row tensors once, and

@@ -11,7 +11,9 @@ Runs alternate, and the best of --repeats is kept for each, so a noisy neighbour
 With --compile, a second engine decodes through the captured step (engine.graph; its
 compile and warm-up happen before timing) and is timed in the same rotation: its ratio is
 compiled / eager. --compile-backend and --static (one graph per bucket instead of automatic
-dynamic shapes) pass to engine.graph.GraphConfig.
+dynamic shapes) pass to engine.graph.GraphConfig. Several --dtype values give one eager
+engine each (alternating too; `engine` is the first, the others `engine_<dtype>` with their
+ratio to it); transformers and the compiled side run in the first one's dtype.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help="the engine's dtype; several, comma-separated, run alternately "
+                                                  "and are compared with the first (e.g. float32,bfloat16)")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="engine only (e.g. large batches on a GPU)")
     ap.add_argument("--compile", action="store_true", help="also time the captured decode step (engine.graph)")
@@ -108,12 +111,14 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()
     batches = [int(b) for b in args.batches.split(",")]
-    make = lambda compile=False: Engine(args.model, device=args.device, dtype=args.dtype,  # noqa: E731
-                                        max_batch=max(batches), max_seq_len=args.max_seq_len, compile=compile)
+    dtypes = args.dtype.split(",") if args.dtype else [None]
+    make = lambda compile=False, dtype=dtypes[0]: Engine(  # noqa: E731
+        args.model, device=args.device, dtype=dtype, max_batch=max(batches), max_seq_len=args.max_seq_len,
+        compile=compile)
     engine = make()
-    print(f"model={engine.name} device={engine.device} dtype={engine.dtype} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} new_tokens={args.new_tokens}")
-    sides = {"engine": engine}
+    sides = {"engine": engine, **{f"engine_{d}": make(dtype=d) for d in dtypes[1:]}}
+    print(f"model={engine.name} device={engine.device} dtype={','.join(str(e.dtype) for e in sides.values())} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} new_tokens={args.new_tokens}")
     if args.compile:
         from engine.graph import GraphConfig
 
@@ -144,8 +149,9 @@ def main(argv=None):
         for i, what in enumerate(("e2e", "decode")):
             best = {name: max(r[i] for r in rs) for name, rs in got.items()}
             line = f"batch={B:<3d} {what:6s} " + "  ".join(f"{n}_tok_s={v:8.1f}" for n, v in best.items())
-            if "compiled" in best:
-                line += f"  compiled/engine={best['compiled'] / best['engine']:.2f}"
+            for name in best:
+                if name.startswith("engine_") or name == "compiled":
+                    line += f"  {name}/engine={best[name] / best['engine']:.2f}"
             if "transformers" in best:
                 line += f"  engine/transformers={best['engine'] / best['transformers']:.2f}"
             print(line, flush=True)

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, metavar="DIR", help="local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default $QAA_DTYPE, else auto: bf16 on "
+                                                  "CUDA and on a CPU with native bf16, AMX or avx512_bf16; fp32 elsewhere)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through a static-shape step compiled by torch.compile (CUDA graphs on a GPU)")
     return ap.parse_args(argv)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,11 +36,42 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+@lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags to read, so no claim of native bf16
+        return ""
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> str | None:
+    """This CPU's native bf16 support, from /proc/cpuinfo's flags (or the `cpuinfo` text given):
+    "amx" (AMX-BF16 tile matmuls, Sapphire Rapids and later), "avx512_bf16" (bf16 dot-product
+    instructions, e.g. Cooper Lake, Zen 4), or None. oneDNN, behind torch's bf16 GEMMs on the
+    CPU, uses either; without them bf16 is emulated and slower than fp32."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+DTYPE_ENV = "QAA_DTYPE"
+"""The dtype used when none is given (None); unset means auto. The test suite sets float32."""
+
+
+def pick_dtype(dtype: str | None, device: torch.device, cpuinfo: str | None = None) -> torch.dtype:
+    """The serving dtype. auto: bf16 on CUDA and on a CPU with native bf16 (see cpu_bf16;
+    `cpuinfo` stands in for /proc/cpuinfo), fp32 elsewhere; None: $QAA_DTYPE, else auto;
+    else the one named."""
+    if dtype is None:
+        dtype = os.environ.get(DTYPE_ENV) or "auto"
+    if dtype == "auto":
+        native = device.type == "cuda" or cpu_bf16(cpuinfo) is not None
+        return torch.bfloat16 if native else torch.float32
     if dtype not in DTYPES:
-        raise QaaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise QaaError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

@@ -78,12 +78,15 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     @app.get("/info")
     async def info():
         """TGI's /info: what is served and its limits, plus the base model's shape (what a
-        client needs to build adapter files for it, e.g. qaa-loadtest's synthetic adapters)."""
+        client needs to build adapter files for it, e.g. qaa-loadtest's synthetic adapters),
+        and this host's native bf16 support (cpu_bf16: "amx", "avx512_bf16" or null), which
+        decides the default dtype on the CPU."""
         from adapters.registry import kinds
+        from engine.engine import cpu_bf16
 
         e, cfg = state.engine, state.engine.cfg
         return {"model_id": state.model_name, "model_dtype": str(e.dtype).removeprefix("torch."),
-                "model_device_type": e.device.type, "max_total_tokens": e.max_seq_len,
+                "model_device_type": e.device.type, "cpu_bf16": cpu_bf16(), "max_total_tokens": e.max_seq_len,
                 "max_input_tokens": e.max_seq_len - 1, "max_new_tokens": state.max_new_tokens,
                 "max_concurrent_requests": state.scheduler.max_running,
                 "max_waiting_requests": state.scheduler.max_waiting,

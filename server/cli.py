@@ -33,7 +33,8 @@ def parse_args(argv=None):
     ap.add_argument("--api-keys", default=None, metavar="FILE",
                     help="JSON file: key -> tenant (see server/auth.py); without it: single tenant, loopback only")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default $QAA_DTYPE, else auto: bf16 on "
+                                                  "CUDA and on a CPU with native bf16, AMX or avx512_bf16; fp32 elsewhere)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through a static-shape step compiled by torch.compile (CUDA graphs on a GPU); "
                          "compiles every batch and length bucket at start")

@@ -92,12 +92,10 @@ def kernel_state(device, dtype) -> str:
     """Whether the adapters' fused CPU kernels serve here, and if so whether this start
     compiled them or loaded them from the cache (calling library() now also moves the
     compile from the first request to the start)."""
-    import torch
-
     from adapters import cpu_kernels
     from adapters.base import cache_root
 
-    if device.type != "cpu" or dtype != torch.float32:
+    if device.type != "cpu" or dtype not in cpu_kernels.SUFFIX:
         return f"not used ({device.type}, {str(dtype).removeprefix('torch.')})"
     d = cache_root() / "kernels"
     before = set(d.glob("*.so")) if d.is_dir() else set()

@@ -5,6 +5,9 @@ import pytest
 # Nothing in the suite may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite runs in fp32 on every machine, whatever its bf16 support (engines and the servers
+# it starts read $QAA_DTYPE when no dtype is named); bf16 tests name their dtype.
+os.environ.setdefault("QAA_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ def main(argv=None):
     settings = {"exact": {}}
     settings.update({f"{n} shots": {"qaa_shots": n} for n in parse_shots(args.shots)})
     settings.update({s: {"qaa_noise": s} for s in parse_noises(args.noise)})
-    engine = Engine(args.model, device="cpu", max_batch=args.batch, max_seq_len=256, max_adapters=len(settings))
+    engine = Engine(args.model, device="cpu", dtype="float32", max_batch=args.batch, max_seq_len=256,
+                    max_adapters=len(settings))
     if args.adapter:
         ad = load_dir(args.adapter, engine.shape)
     else:

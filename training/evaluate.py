@@ -70,7 +70,8 @@ def evaluate(adapter: str | Path | None, data: str, n: int = 100, model: str | N
     adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and (adapter / "config.json").is_file():
         model, adapter = str(adapter), None  # a full fine-tune is a model, not an adapter
-    engine = Engine(model, device=device, max_batch=batch_size, max_adapters=1)
+    # fp32 as in training, so scores compare methods, not dtypes (serving's default may be bf16)
+    engine = Engine(model, device=device, dtype="float32", max_batch=batch_size, max_adapters=1)
     if adapter is not None:
         engine.load_adapter("eval", adapter)
         name = "eval"

@@ -55,7 +55,7 @@ def quantum_sweep(adapter: str | Path, data: str, shots: list[int], noises: list
     """{row name: {metrics..., seconds, generations}} for the base model, the exact circuit and
     every shots / noise setting, on the first n held-out examples, greedy decoding."""
     held = held_out(data, n)
-    engine = Engine(model, device=device, max_batch=batch_size, max_adapters=1)
+    engine = Engine(model, device=device, dtype="float32", max_batch=batch_size, max_adapters=1)  # as evaluate's
     ad = load_dir(adapter, engine.shape)
     if ad.kind != "qaa":
         raise InputError(f"--shots / --noise need a QAA adapter, {adapter} is {ad.kind}")

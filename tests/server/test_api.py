@@ -210,6 +210,7 @@ def test_openai_client(srv):
 
 def test_info_describes_the_served_model(srv, tiny_dir):
     from engine.config import ModelConfig
+    from engine.engine import cpu_bf16
 
     info = httpx.get(srv.url + "/info").json()
     hf = json.loads((tiny_dir / "config.json").read_text())
@@ -219,6 +220,8 @@ def test_info_describes_the_served_model(srv, tiny_dir):
     assert info["model_config"]["head_dim"] == ModelConfig.from_dir(tiny_dir).head_dim
     assert info["model_id"] == srv.state.model_name and info["max_total_tokens"] == 256
     assert info["max_concurrent_requests"] == 8 and set(info["adapter_types"]) == {"lora", "sora", "prefix", "qaa"}
+    # the suite's servers run fp32 ($QAA_DTYPE); cpu_bf16 reports what this host's CPU has
+    assert info["model_dtype"] == "float32" and info["cpu_bf16"] == cpu_bf16()
 
 
 def test_metrics_parse_and_count(srv):
