@@ -65,10 +65,25 @@ def pack_weight(wt: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+PACKED_M_STEP = 64
+"""Above 16 rows, a packed linear's rows are padded to a multiple of this."""
+
+
 def frozen_matmul(x, wt, bias, packed):
-    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one."""
+    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one.
+
+    oneDNN builds (JIT-compiles) a primitive for every new row count M, 1-5 ms per weight,
+    and keeps a bounded cache of them: chunked prefill steps have a different M almost every
+    step (decode rows + chunks), so above 16 rows M is padded up to a multiple of
+    PACKED_M_STEP, which bounds the shapes and costs at most 63 rows of arithmetic."""
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        x2 = x.reshape(-1, x.shape[-1])
+        M = x2.shape[0]
+        Mb = M if M <= 16 else -(-M // PACKED_M_STEP) * PACKED_M_STEP
+        if Mb != M:
+            x2 = F.pad(x2, (0, 0, 0, Mb - M))
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+        return (y if Mb == M else y[:M]).reshape(*x.shape[:-1], y.shape[-1])
     y = x @ wt
     return y if bias is None else y + bias
 
