@@ -66,8 +66,10 @@ def pack_weight(wt: torch.Tensor) -> torch.Tensor | None:
 
 
 def frozen_matmul(x, wt, bias, packed):
-    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one."""
-    if packed is not None:
+    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one (eager
+    only: inductor cannot lower oneDNN's op on a weight it did not pack itself, so a compiled
+    step (engine.graph) multiplies by the plain weight)."""
+    if packed is not None and not torch.compiler.is_compiling():
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     y = x @ wt
     return y if bias is None else y + bias
