@@ -296,7 +296,7 @@ class QAABank:
             *circuit, upb = (t.index_select(0, slots) for t in tensors)  # (B, ...) per row
             compiled = circuit[0][:, None] if rotation == "RX" else tuple(c[:, None] for c in circuit)
             z1 = expectations(h, compiled, rotation, self.n, L, with_one=True)  # (B, T, n + 1): [Z, 1]
-            h = h + torch.bmm(z1, upb).to(h.dtype)
+            h = torch.baddbmm(h.float(), z1, upb).to(h.dtype)  # h + Z W_up^T + b in fp32, rounded once
         return h
 
     def _emulated(self, layer, where, h, variant, rows, sl, slot):

@@ -70,13 +70,15 @@ PACKED_M_STEP = 64
 
 
 def frozen_matmul(x, wt, bias, packed):
-    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one.
+    """x (..., in) @ wt (in, out) + bias, through the packed weight when there is one (eager
+    only: inductor cannot lower oneDNN's op on a weight it did not pack itself, so a compiled
+    step (engine.graph) multiplies by the plain weight).
 
     oneDNN builds (JIT-compiles) a primitive for every new row count M, 1-5 ms per weight,
     and keeps a bounded cache of them: chunked prefill steps have a different M almost every
     step (decode rows + chunks), so above 16 rows M is padded up to a multiple of
     PACKED_M_STEP, which bounds the shapes and costs at most 63 rows of arithmetic."""
-    if packed is not None:
+    if packed is not None and not torch.compiler.is_compiling():
         x2 = x.reshape(-1, x.shape[-1])
         M = x2.shape[0]
         Mb = M if M <= 16 else -(-M // PACKED_M_STEP) * PACKED_M_STEP
