@@ -22,8 +22,8 @@ def parse_args(argv=None):
     ap.add_argument("--adapter-dir", metavar="DIR", default=os.environ.get("QAA_ADAPTER_DIR", "adapters-store"),
                     help="the adapter store, created if missing ($QAA_ADAPTER_DIR)")
     ap.add_argument("--max-running", metavar="N", type=number(int, 1), default=16, help="requests decoding together (KV slots)")
-    ap.add_argument("--max-num-batched-tokens", metavar="N", type=number(int, 2), default=256,
-                    help="tokens per step: one per decoding request, the rest prefill chunks (more than --max-running)")
+    ap.add_argument("--max-num-batched-tokens", metavar="N", type=number(int, 2), default=None,
+                    help="tokens per step: one per decoding request, the rest prefill chunks (more than --max-running; default --max-running + 48)")
     ap.add_argument("--max-waiting", metavar="N", type=number(int, 1), default=256, help="queued requests before 429")
     ap.add_argument("--max-device-adapters", metavar="N", type=number(int, 1), default=32, help="adapters held in device slot banks")
     ap.add_argument("--max-host-adapters", metavar="N", type=number(int, 1), default=256, help="adapters held in host memory")
@@ -96,7 +96,7 @@ def build(args, scheduler_thread: bool = True):
     from server.scheduler import Scheduler
     from server.store import Store
 
-    if args.max_num_batched_tokens <= args.max_running:
+    if args.max_num_batched_tokens is not None and args.max_num_batched_tokens <= args.max_running:
         raise SystemExit(f"qaa-serve: error: --max-num-batched-tokens ({args.max_num_batched_tokens}) must exceed "
                          f"--max-running ({args.max_running}): every step feeds each decoding request a token")
     auth = Auth.from_file(args.api_keys)

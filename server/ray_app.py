@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from ray import serve
 
-from server.scheduler import Event
+from server.scheduler import PREFILL_TOKENS, Event
 
 REPLICA_HEADER = "x-qaa-replica"
 RAY_ONLY = ("replicas", "autoscaling_config", "affinity", "engine_num_cpus", "refresh_seconds")
@@ -253,7 +253,7 @@ class Ingress:
         store = Store(args.adapter_dir, tok.shape, max_bytes=limits.max_upload_bytes, capacity=tok.capacity,
                       refresh_seconds=refresh_seconds)
         fwd = _Forwarder(engine, affinity, args.max_running * replicas, args.max_waiting, args.stall_seconds,
-                         args.max_num_batched_tokens)
+                         args.max_num_batched_tokens or args.max_running + PREFILL_TOKENS)
         residency = SimpleNamespace(tier=lambda key: "disk")  # the ingress holds none: the store has it
         self.state = ServerState(tok, store, residency, fwd, Metrics(tok.name), Auth.from_file(args.api_keys), tok.name,
                                  limits)
