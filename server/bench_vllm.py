@@ -54,7 +54,9 @@ def _vllm(args, model: Path, dirs: list[Path], log) -> tuple[subprocess.Popen, s
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
            "--enable-lora", "--max-lora-rank", "8", "--max-loras", str(len(dirs)), "--max-model-len", "1024",
            "--lora-modules", *[f"a{i}={d}" for i, d in enumerate(dirs)]]
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
+    # vLLM's CPU build sizes its KV cache to most of the machine's memory by default, and its
+    # worker is then OOM-killed beside qaa-serve's own process: 2 GiB holds ~90k tokens here
+    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     return subprocess.Popen(cmd, stdout=log, stderr=log, env=env), f"http://127.0.0.1:{port}"
 
 
