@@ -226,6 +226,17 @@ async def _events(state: ServerState, reqs: list[GenRequest]):
             state.scheduler.cancel(reqs[i])
 
 
+async def _collect_all(state: ServerState, reqs: list[GenRequest], request: Request) -> list[tuple[list[Event], str]]:
+    """_collect of several generations of one request (n, best_of); if one fails or the client
+    goes, the others are cancelled."""
+    try:
+        return await asyncio.gather(*(_collect(state, r, request) for r in reqs))
+    except BaseException:
+        for r in reqs:
+            state.scheduler.cancel(r)
+        raise
+
+
 async def _collect(state: ServerState, req: GenRequest, request: Request) -> tuple[list[Event], str]:
     """Every token event of one generation and its finish reason; cancelled if the client goes."""
     events = []

@@ -7,7 +7,6 @@ best_of > n keeps the n with the highest total log-probability (as OpenAI does).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
@@ -22,7 +21,7 @@ from server.scheduler import Event
 
 def register_openai_routes(app: FastAPI, state) -> None:
     from server.app import (
-        HTTPError, _collect, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
+        HTTPError, _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
     )
 
     async def constrained(body, params: SamplingParams) -> SamplingParams:
@@ -142,12 +141,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
         obj = "chat.completion" if chat else "text_completion"
         n_prompt = len(reqs[0].prompt_ids)
         if not body.stream:
-            try:
-                results = await asyncio.gather(*(_collect(state, r, request) for r in reqs))
-            except BaseException:
-                for r in reqs:
-                    state.scheduler.cancel(r)
-                raise
+            results = await _collect_all(state, reqs, request)
             used = sum(len(evs) for evs, _ in results)
             ranked = list(zip(reqs, results))
             if len(results) > body.n:  # best_of: the n most likely completions

@@ -4,7 +4,6 @@ and a stream whose last token event carries generated_text and details."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from fastapi import FastAPI, Request
@@ -17,7 +16,7 @@ from server.scheduler import Event
 
 def register_tgi_routes(app: FastAPI, state) -> None:
     from server.app import (
-        _collect, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
+        _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
     )
 
     tok = state.engine.tokenizer
@@ -84,12 +83,7 @@ def register_tgi_routes(app: FastAPI, state) -> None:
             return await generate_stream(body, request)
         reqs, q = await start(body, request)
         prefix = body.inputs if q.return_full_text else ""
-        try:
-            results = await asyncio.gather(*(_collect(state, r, request) for r in reqs))
-        except BaseException:
-            for r in reqs:
-                state.scheduler.cancel(r)
-            raise
+        results = await _collect_all(state, reqs, request)
         outs = [final(r, q, evs, reason, prefix) for r, (evs, reason) in zip(reqs, results)]
         if len(outs) == 1:
             return outs[0]
