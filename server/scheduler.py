@@ -5,10 +5,11 @@ adapter is on the device (a request whose adapter is still loading stays queued 
 others go ahead); then one forward holds a token for every decoding request and, within the
 step's token budget (`max_batched_tokens`), chunks of the prompts being prefilled, oldest
 admission first, whatever their adapters and adapter types (chunked prefill: a long prompt
-costs every running request a bounded delay per step, not its whole prefill at once). A request leaves on EOS,
-a stop string, its token limit, cancellation or client disconnect, and its KV slot and its
-adapter pin are released at once. Events reach the HTTP side through each request's asyncio
-queue (call_soon_threadsafe), so the event loop never blocks on the model.
+costs every running request a bounded delay per step, not its whole prefill at once). A
+request leaves on EOS, a stop string, its token limit, cancellation or client disconnect,
+and its KV slot and its adapter pin are released at once. Events reach the HTTP side
+through each request's asyncio queue (call_soon_threadsafe), so the event loop never blocks
+on the model.
 """
 
 from __future__ import annotations
