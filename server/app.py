@@ -26,7 +26,8 @@ from server.auth import Auth, Principal
 from server.errors import ERROR_TYPES, HTTPError, error, install_error_handlers, openapi_schema
 from server.limits import BodyLimit, Limits
 from server.request_id import RequestId
-from server.scheduler import Draining, Event, QueueFull, Request as GenRequest, Scheduler
+from server.requests import Draining, Event, QueueFull, Request as GenRequest
+from server.scheduler import Scheduler
 from server.store import NotFound, Store, check_id
 
 

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 from ray import serve
 
-from server.scheduler import PREFILL_TOKENS, Event
+from server.requests import Event
+from server.scheduler import PREFILL_TOKENS
 
 REPLICA_HEADER = "x-qaa-replica"
 RAY_ONLY = ("replicas", "autoscaling_config", "affinity", "engine_num_cpus", "refresh_seconds")
@@ -69,7 +70,7 @@ class EngineReplica:
 
     async def generate(self, prompt_ids: list[int], params, entry):
         """Events of one generation, after a first item naming this replica."""
-        from server.scheduler import Draining, QueueFull, Request
+        from server.requests import Draining, QueueFull, Request
 
         mid = serve.get_multiplexed_model_id()
         if mid:

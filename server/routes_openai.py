@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.sampling import SamplingParams
 from server.schemas import ChatRequest, CompletionRequest
-from server.scheduler import Event
+from server.requests import Event
 
 
 def register_openai_routes(app: FastAPI, state) -> None:

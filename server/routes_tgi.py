@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.errors import InputError
 from server.schemas import TGIRequest
-from server.scheduler import Event
+from server.requests import Event
 
 
 def register_tgi_routes(app: FastAPI, state) -> None:
