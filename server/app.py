@@ -206,6 +206,23 @@ async def _start(state: ServerState, p: Principal, adapter_id, ids, params: Samp
     return req
 
 
+async def _start_all(state: ServerState, p: Principal, adapter_id, ids, params: SamplingParams, k: int,
+                     fit: bool = False, request: Request | None = None, user: str | None = None) -> list[GenRequest]:
+    """k generations of one request (OpenAI's n/best_of, TGI's best_of), queued together;
+    generation i draws with seed + i. If one cannot be queued, those already are cancelled."""
+    reqs = []
+    try:
+        for i in range(k):
+            seed = None if params.seed is None else (params.seed + i) % 2**64
+            reqs.append(await _start(state, p, adapter_id, ids, dataclasses.replace(params, seed=seed), fit,
+                                     request, user))
+    except BaseException:
+        for r in reqs:
+            state.scheduler.cancel(r)
+        raise
+    return reqs
+
+
 async def _events(state: ServerState, reqs: list[GenRequest]):
     """(index, event) of one or several generations as their events come, until each is done
     (or one fails); a consumer that stops early (the client went away) cancels the rest."""

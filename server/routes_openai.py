@@ -21,7 +21,7 @@ from server.requests import Event
 
 def register_openai_routes(app: FastAPI, state) -> None:
     from server.app import (
-        HTTPError, _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
+        HTTPError, _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start_all, _with_grammar,
     )
 
     async def constrained(body, params: SamplingParams) -> SamplingParams:
@@ -55,17 +55,7 @@ def register_openai_routes(app: FastAPI, state) -> None:
             raise HTTPError(422, "best_of > n cannot be streamed", "validation", param="best_of")
         if k > 1 and (body.best_of or 1) > body.n and params.logprobs is None:
             params = dataclasses.replace(params, logprobs=0)  # ranking needs each token's logprob
-        reqs = []
-        try:
-            for i in range(k):
-                seed = None if params.seed is None else (params.seed + i) % 2**64
-                reqs.append(await _start(state, p, body.model, ids, dataclasses.replace(params, seed=seed), fit,
-                                         request, body.user))
-        except BaseException:
-            for r in reqs:
-                state.scheduler.cancel(r)
-            raise
-        return reqs
+        return await _start_all(state, p, body.model, ids, params, k, fit, request, body.user)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -4,7 +4,6 @@ and a stream whose last token event carries generated_text and details."""
 
 from __future__ import annotations
 
-import dataclasses
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -16,7 +15,7 @@ from server.requests import Event
 
 def register_tgi_routes(app: FastAPI, state) -> None:
     from server.app import (
-        _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start, _with_grammar,
+        _collect_all, _encode, _event_error_type, _events, _principal, _sampling, _sse, _start_all, _with_grammar,
     )
 
     tok = state.engine.tokenizer
@@ -48,16 +47,8 @@ def register_tgi_routes(app: FastAPI, state) -> None:
         k = q.best_of or 1
         if k > 1 and not sample:
             raise InputError("best_of > 1 needs sampling: set do_sample or a temperature above 0 (as TGI)")
-        reqs = []
-        try:
-            for i in range(k):  # as OpenAI's best_of: sequence i draws with seed + i
-                seed = None if params.seed is None else (params.seed + i) % 2**64
-                reqs.append(await _start(state, p, q.adapter_id, ids, dataclasses.replace(params, seed=seed),
-                                         request=request))
-        except BaseException:
-            for r in reqs:
-                state.scheduler.cancel(r)
-            raise
+        # as OpenAI's best_of: sequence i draws with seed + i
+        reqs = await _start_all(state, p, q.adapter_id, ids, params, k, request=request)
         return reqs, q
 
     def final(req, q, events: list[Event], reason: str, prefix: str) -> dict:
