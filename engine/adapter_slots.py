@@ -18,6 +18,10 @@ from adapters.registry import get_type
 from adapters.seams import BatchSeams
 
 
+ROUTINGS_KEPT = 8
+"""Batch compositions whose routing is kept (a continuous batcher alternates between a few)."""
+
+
 @dataclass(frozen=True)
 class Handle:
     name: str
@@ -35,6 +39,8 @@ class AdapterSlots:
         self.banks: dict = {}
         self.free: dict[str, list[int]] = {}
         self.handles: dict[str, Handle] = {}
+        self.version = 0  # bumped by every load and release: routings built before are stale
+        self.routings: dict = {}  # (version, rows' (bank, slot)) -> BatchSeams | None, the last few
 
     def bank_of(self, kind: str) -> str:
         return get_type(kind).bank_kind
@@ -70,6 +76,7 @@ class AdapterSlots:
             slot = old.slot  # replace in place; banks check before they clear a slot
         else:
             raise AdapterError(f"all {self.max_adapters} {b} adapter slots are in use")
+        self.version += 1  # before the bank changes: a failed load may have cleared the slot
         try:
             bank.load(slot, compiled)
         except BaseException:
@@ -88,6 +95,7 @@ class AdapterSlots:
         self._release(h)
 
     def _release(self, h: Handle) -> None:
+        self.version += 1
         self.banks[h.bank].clear(h.slot)
         self.free[h.bank].append(h.slot)
 
@@ -98,7 +106,20 @@ class AdapterSlots:
             raise AdapterError(f"adapter {name!r} is not loaded") from None
 
     def seams_for(self, handles: list[Handle | None], device) -> BatchSeams | None:
-        """Per-row routing for one forward; None when no row uses a per-row adapter."""
+        """Per-row routing for one forward; None when no row uses a per-row adapter.
+
+        Decode steps repeat the same batch composition until a sequence joins or leaves, so
+        the last few routings are kept and reused (a BatchSeams is read-only once built) until
+        any slot is loaded or cleared."""
+        key = (self.version, device, tuple(None if h is None else (h.bank, h.slot) for h in handles))
+        if key in self.routings:
+            return self.routings[key]
+        if len(self.routings) >= ROUTINGS_KEPT or any(k[0] != self.version for k in self.routings):
+            self.routings.clear()
+        self.routings[key] = seams = self._route(handles, device)
+        return seams
+
+    def _route(self, handles: list[Handle | None], device) -> BatchSeams | None:
         slots = {}
         for b in self.banks:
             if b == "prefix":

@@ -73,17 +73,23 @@ def test_mixed_batch_equals_per_row_loop(engines, dtype, kernels, monkeypatch):
     from adapters import cpu_kernels
 
     engine, ref_engine = engines[dtype], engines["float32"]
-    calls = {"lora_": 0, "qaa_rx_": 0}
+    calls = {"lora_plan": 0, "qaa_rx_plan": 0}
     if not kernels:
         monkeypatch.setattr(cpu_kernels, "library", lambda: None)
     elif cpu_kernels.library() is None:
         pytest.skip("no C compiler on this machine")
-    else:  # count the kernels' calls: this dtype is served by them, not by a fallback
+    else:  # count the kernels' calls (through the plans the banks bind): served by them, not by a fallback
         for fn in calls:
-            def counted(*a, _f=getattr(cpu_kernels, fn), _n=fn):
-                calls[_n] += 1
-                return _f(*a)
-            monkeypatch.setattr(cpu_kernels, fn, counted)
+            def binder(*a, _f=getattr(cpu_kernels, fn), _n=fn):
+                plan = _f(*a)
+                if plan is None:
+                    return None
+
+                def counted(*t):
+                    calls[_n] += 1
+                    return plan(*t)
+                return counted
+            monkeypatch.setattr(cpu_kernels, fn, binder)
     names, made = [], {}
     for i, case in enumerate(CASES * 2):
         name = f"{case.name}#{i}"
@@ -139,18 +145,23 @@ def test_mixed_batch_equals_per_row_loop(engines, dtype, kernels, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_cleared_slot_keeps_no_trace(case, engine, tiny_dir):
-    """Load A, unload it, load B into the same slot: rows see exactly what a fresh bank gives B."""
+    """Load A and generate with it, unload it, load B into the same slot: rows see exactly what
+    a fresh bank gives B (nothing kept from A: not its weights, nor the routing built for it,
+    which the engine reuses while the batch composition repeats)."""
     other = CASES[(CASES.index(case) + 1) % len(CASES)]
     a = make(other if other.kind == case.kind else case, engine.shape, seed=11)
     b = make(case, engine.shape, seed=12)
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
     h_a = engine.load_adapter("a", a)
+    engine.generate(["some prompt"], sp, adapters=["a"])
+    routing = engine.adapters.seams_for([h_a], engine.device)
+    assert engine.adapters.seams_for([h_a], engine.device) is routing  # kept while nothing changes
     engine.adapters.unload("a")
     h_b = engine.load_adapter("b", b)
     if h_a.kind == h_b.kind:
         assert h_b.slot == h_a.slot
     fresh = Engine(tiny_dir, device="cpu", max_batch=2, max_seq_len=64, max_adapters=4)
     fresh.load_adapter("b", b)
-    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
     used = engine.generate(["some prompt"], sp, adapters=["b"])[0].token_ids
     clean = fresh.generate(["some prompt"], sp, adapters=["b"])[0].token_ids
     engine.adapters.unload("b")
