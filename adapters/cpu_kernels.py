@@ -119,6 +119,29 @@ def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
     return dtype in dtypes and library() is not None
 
 
+def qaa_rx_plan(rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor, upb: torch.Tensor, n: int, L: int,
+                dtype: torch.dtype):
+    """`qaa_rx_` for one routing and module, bound once: plan(h) adds into h (B, T, d) of
+    `dtype`. Decode steps repeat their routing, so the banks keep a plan per module and pay
+    only for h's pointer and shape per call (the ctypes call dominates a small batch's cost).
+    None when the kernel cannot take `dtype` here."""
+    assert phase.is_contiguous() and upb.is_contiguous() and rows.is_contiguous() and slots.is_contiguous()
+    assert phase.dtype == upb.dtype == torch.float32
+    if dtype not in SUFFIX or library() is None:
+        return None
+    fn, m, R = getattr(library(), f"qaa_rx_residual_{SUFFIX[dtype]}"), masks(n, L), rows.numel()
+    fixed = (rows.data_ptr(), slots.data_ptr(), 0)
+    tail = (phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
+    held = (rows, slots, phase, upb, m)  # the pointers above stay valid while the plan lives
+
+    def plan(h: torch.Tensor) -> torch.Tensor:
+        assert h.dtype == dtype and h.is_contiguous() and h.device.type == "cpu" and held
+        fn(h.data_ptr(), h.shape[1], h.shape[2], *fixed, R * h.shape[1], *tail, torch.get_num_threads())
+        return h
+
+    return plan
+
+
 def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor,
             upb: torch.Tensor, n: int, L: int) -> torch.Tensor:
     """In place: h[rows[i]] += W_up z + b with slot slots[i]'s RX circuit, for every i.
@@ -126,14 +149,28 @@ def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: tor
     h (B, T, d) fp32 or bf16 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n) and upb
     (S, n + 1, d) fp32 (the circuit and <Z> are fp32 whatever h's dtype).
     """
-    assert h.is_contiguous() and phase.is_contiguous() and upb.is_contiguous()
-    assert phase.dtype == upb.dtype == torch.float32
-    B, T, d = h.shape
-    m = masks(n, L)
-    fn = getattr(library(), f"qaa_rx_residual_{SUFFIX[h.dtype]}")
-    fn(h.data_ptr(), T, d, rows.data_ptr(), slots.data_ptr(), 0, rows.numel() * T,
-                              phase.data_ptr(), upb.data_ptr(), n, m.data_ptr(), torch.get_num_threads())
-    return h
+    return qaa_rx_plan(rows, slots, phase, upb, n, L, h.dtype)(h)
+
+
+def lora_plan(rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
+              dtype: torch.dtype):
+    """`lora_` for one routing and module, bound once (see qaa_rx_plan): plan(y, x) adds into
+    y. None when the kernel cannot take activations of `dtype` with this bank here."""
+    assert A.is_contiguous() and Bt.is_contiguous() and A.shape[1] <= MAX_LORA_RANK and A.dtype == Bt.dtype
+    assert rows.is_contiguous() and slots.is_contiguous() and ranks.is_contiguous()
+    if (dtype, A.dtype) not in LORA_VARIANTS or library() is None:
+        return None
+    fn = getattr(library(), f"lora_delta_{LORA_VARIANTS[(dtype, A.dtype)]}")
+    fixed = (rows.data_ptr(), slots.data_ptr(), rows.numel(), ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1])
+    held = (rows, slots, ranks, A, Bt)
+
+    def plan(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == y.dtype == dtype and x.stride(-1) == y.stride(-1) == 1 and x.device.type == "cpu" and held
+        fn(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), x.shape[1], x.shape[2],
+           y.shape[2], *fixed, torch.get_num_threads())
+        return y
+
+    return plan
 
 
 def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
@@ -144,13 +181,7 @@ def lora_(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Ten
     output), fp32 or bf16; A (S, R, din), Bt (S, R, dout) contiguous, of x's dtype or fp32;
     ranks (S,) int64.
     """
-    assert A.is_contiguous() and Bt.is_contiguous() and A.shape[1] <= MAX_LORA_RANK and A.dtype == Bt.dtype
-    T = x.shape[1]
-    fn = getattr(library(), f"lora_delta_{LORA_VARIANTS[(x.dtype, A.dtype)]}")
-    fn(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), T,
-                         x.shape[2], y.shape[2], rows.data_ptr(), slots.data_ptr(), rows.numel(),
-                         ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1], torch.get_num_threads())
-    return y
+    return lora_plan(rows, slots, ranks, A, Bt, x.dtype)(y, x)
 
 
 class _RXZ(torch.autograd.Function):

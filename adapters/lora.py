@@ -319,8 +319,13 @@ class LoraBank:
         if ranks is None:
             return y
         if route.listed is not None and x.shape[1] * len(route.listed[0]) <= cpu_kernels.MAX_TOKENS \
-                and cpu_kernels.usable(x, y):
-            return cpu_kernels.lora_(y, x, *route.listed, self.rank_t[(layer, name)], *self.mods[(layer, name)])
+                and x.stride(-1) == 1 and y.stride(-1) == 1:
+            plan = route.plans.get((layer, name), False)
+            if plan is False:  # bound once per routing and module (see cpu_kernels.lora_plan)
+                plan = route.plans[(layer, name)] = cpu_kernels.lora_plan(
+                    *route.listed, self.rank_t[(layer, name)], *self.mods[(layer, name)], x.dtype)
+            if plan is not None:
+                return plan(y, x)
         rows, sl, active = route.select(ranks)
         if not active:
             return y
@@ -358,6 +363,7 @@ class _Route:
         used = [b for b, s in enumerate(slots) if s]
         # every row with a slot and its slot, for the CPU kernel (which skips rank-0 modules)
         self.listed = (torch.tensor(used), torch.tensor([slots[b] for b in used])) if device.type == "cpu" else None
+        self.plans: dict = {}  # module -> the CPU kernel bound to this routing (None: not usable)
 
     def select(self, ranks: list[int]):
         """(rows or None for all, their slots, the slots as a tuple) for the rows whose slot

@@ -22,6 +22,8 @@ from adapters.emulation import Emulation, make_emulation, noisy_observables, noi
 from adapters.registry import AdapterType, register
 
 PLACES = ("attn", "mlp")
+PLANS_KEPT = 1024
+"""Bound kernel calls a QAA bank keeps (a few routings' worth of modules)."""
 GRADIENTS = ("autograd", "parameter-shift")
 
 
@@ -203,6 +205,7 @@ class QAABank:
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
         self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
+        self.plans: dict = {}  # (module, routing entry, dtype) -> (its listed rows, the bound kernel)
         self.emulated: dict[int, tuple] = {}  # slot -> (Emulation, generator, {(layer, where): noisy obs})
         self.layout = 0  # bumped when a (module, variant) is added (a captured step's shapes)
 
@@ -226,6 +229,7 @@ class QAABank:
 
     def clear(self, slot: int) -> None:
         self.gathered.clear()
+        self.plans.clear()
         variant, mods = self.owned.pop(slot, (None, ()))
         self.emulated.pop(slot, None)
         for layer, w in mods:
@@ -269,10 +273,11 @@ class QAABank:
             if emulated:
                 h = self._emulated(layer, where, h, variant, rows, sl, emulated)
                 continue
-            if rotation == "RX" and listed is not None and cpu_kernels.usable(h) and h.is_contiguous():
-                phase, upb = self.mods[(layer, where, variant)]
-                h = cpu_kernels.qaa_rx_(h, *listed, phase, upb, self.n, L)
-                continue
+            if rotation == "RX" and listed is not None and h.is_contiguous():
+                plan = self._plan(layer, where, variant, listed, h.dtype)
+                if plan is not None:
+                    h = plan(h)
+                    continue
             *circuit, upb = self._gather((layer, where, variant), sl)
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
@@ -311,6 +316,18 @@ class QAABank:
             z = noisy_z(x.float(), noisy[(layer, where)])
         new = (x.float() + z @ upb[slot, : self.n] + upb[slot, self.n]).to(h.dtype)  # (B', T, d)
         return new if rows is None else h.index_copy_(0, rows, new)
+
+    def _plan(self, layer, where, variant, listed, dtype):
+        """The fused kernel bound to this module and routing entry, made once per routing
+        (`listed` lives in the route; see cpu_kernels.qaa_rx_plan); None when not usable."""
+        key = (layer, where, variant, id(listed), dtype)
+        held = self.plans.get(key)
+        if held is None or held[0] is not listed:
+            if len(self.plans) >= PLANS_KEPT:  # old routings' plans: this batch's come back at once
+                self.plans.clear()
+            phase, upb = self.mods[(layer, where, variant)]
+            held = self.plans[key] = (listed, cpu_kernels.qaa_rx_plan(*listed, phase, upb, self.n, variant[1], dtype))
+        return held[1]
 
     def _gather(self, key, sl: tuple):
         # decode steps repeat the same batch composition: gather per-row tensors once, and
