@@ -25,6 +25,14 @@ static inline void st_bf16(bf16 *p, int64_t i, float v) {
     p[i] = (u & 0x7fffffffu) > 0x7f800000u ? (bf16)((u >> 16) | 0x40u) : (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* A slot's factors are a few KB read once per step, long evicted by the base model's weights
+ * since the last step: read in order, each cache line's miss waits for the one before. Asking
+ * for every line up front lets the memory system fetch them in parallel. */
+static inline void prefetch(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 /* ---- QAA, RX circuits ----------------------------------------------------------------
  * Same math as adapters/circuit.py `expectations` + QAABank's up-projection, for each
  * listed vector v (a row b and one of its T tokens), with slot s = slots[i]:
@@ -104,6 +112,14 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
             const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
             const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
+            if (t == 0) { /* this row's circuit and [W_up | b], then the next row's (see prefetch) */   \
+                prefetch(cs, 2 * N * (int64_t)sizeof(float));                                           \
+                prefetch(w, (n + 1) * d * (int64_t)sizeof(float));                                      \
+                if (i + 1 < (v1 + T - 1) / T) {                                                         \
+                    prefetch(phase + slots[i + 1] * 2 * N, 2 * N * (int64_t)sizeof(float));             \
+                    prefetch(upb + slots[i + 1] * (n + 1) * d, (n + 1) * d * (int64_t)sizeof(float));   \
+                }                                                                                       \
+            }                                                                                           \
             T_ *hv = h + (rows[i] * T + t) * d;                                                         \
             for (int64_t k = 0; k < d; k++) u[k] = LD(hv, k);                                           \
             memset(u + d, 0, (N - d) * sizeof(float));                                                 \
@@ -141,6 +157,15 @@ QAA_RX_RESIDUAL(bf16, bf16, ld_bf16, st_bf16)
             const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];                             \
             if (r == 0) continue;                                                                         \
             const W_ *a = A + s * R * din, *bt = Bt + s * R * dout;                                       \
+            if (t == 0) { /* this row's factors, then the next row's, requested at once (see prefetch) */ \
+                prefetch(a, r * din * (int64_t)sizeof(W_));                                               \
+                prefetch(bt, r * dout * (int64_t)sizeof(W_));                                             \
+                if (i + 1 < n_rows) {                                                                     \
+                    const int64_t s1 = slots[i + 1], r1 = ranks[s1];                                      \
+                    prefetch(A + s1 * R * din, r1 * din * (int64_t)sizeof(W_));                           \
+                    prefetch(Bt + s1 * R * dout, r1 * dout * (int64_t)sizeof(W_));                        \
+                }                                                                                         \
+            }                                                                                             \
             const T_ *xv = x + rows[i] * xs0 + t * xs1;                                                   \
             T_ *yv = y + rows[i] * ys0 + t * ys1;                                                         \
             float tmp[256], xf[din], acc[dout];                                                           \
