@@ -14,7 +14,8 @@
  * O(1) expected time whatever its mean (below): the cost does not grow with N.
  *
  * Binomials, Bin(n, p) with p <= 1/2 (else n - Bin(n, 1 - p)):
- *   n <= 16:      n Bernoulli trials (cheapest for the tree's many small counts);
+ *   n <= 256:     n Bernoulli trials, 16 per step of 8 vector lanes of generators (the tree's
+ *                 many small counts: ~10 ns for 40 trials, where BTRS takes ~25-40 ns);
  *   n p < 10:     inversion: walk the pmf up from f(0) = (1 - p)^n with
  *                 f(x + 1) = f(x) ((n + 1) s / (x + 1) - s), s = p / (1 - p); O(n p) steps;
  *   n p >= 10:    Hormann's BTRS (transformed rejection with squeeze, W. Hormann, "The
@@ -22,7 +23,9 @@
  *                 written from the paper: a hat over the pmf from an inverse transform of a
  *                 uniform; most candidates are accepted by the squeeze from two uniforms, the
  *                 others by comparing with log f(k) / f(m) through Stirling's series.
- * Uniforms have 53 random bits, so every probability is honoured to 2^-53.
+ * Inversion and BTRS use 53-bit uniforms; a Bernoulli trial compares a 32-bit uniform with p
+ * rounded to a multiple of 2^-32 (an error below 2^-33, far below that of the fp32 probabilities
+ * the tree is built from).
  */
 #define _DEFAULT_SOURCE
 #include <math.h>
@@ -31,7 +34,7 @@
 #include "cpu_shots.h"
 
 #ifndef BERNOULLI_MAX
-#define BERNOULLI_MAX 96 /* trials at ~0.6 ns each beat BTRS's ~30 ns (plus its mispredicted branches) up to about here */
+#define BERNOULLI_MAX 256 /* 16 trials per ~1.5 ns vector step beat BTRS's ~25 ns up to about here */
 #endif
 
 /* splitmix64's output function: a bijective 64-bit mixer (the usual xoshiro seeding). */
@@ -45,6 +48,8 @@ static uint64_t mix64(uint64_t z) {
 void rng_init(rng_t *g, uint64_t seed, uint64_t counter, uint64_t index) {
     uint64_t k = mix64(mix64(mix64(seed) ^ counter) ^ index);
     for (int i = 0; i < 4; i++) g->s[i] = k = mix64(k);
+    for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 8; l++) g->v[i][l] = k = mix64(k);
 }
 
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
@@ -63,6 +68,18 @@ static inline uint64_t next64(rng_t *g) {  /* xoshiro256** (Blackman & Vigna) */
 
 static inline double uniform(rng_t *g) { return (double)(next64(g) >> 11) * 0x1.0p-53; } /* [0, 1) */
 
+static inline u32x16 next16(rng_t *g) { /* xoshiro256** on 8 lanes at once: 16 32-bit uniforms */
+    u64x8 *s = g->v;
+    const u64x8 x = (s[1] << 2) + s[1], r = (x << 7) | (x >> 57), t = s[1] << 17; /* rotl(s1 * 5, 7) */
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = (s[3] << 45) | (s[3] >> 19);
+    return (u32x16)((r << 3) + r); /* * 9 */
+}
+
 /* fc(k) = log k! - ((k + 1/2) log(k + 1) - (k + 1) + log(2 pi) / 2): exact below 10, Stirling's
  * series above (error < 1e-10 at k = 10). */
 static double stirling_tail(int64_t k) {
@@ -75,16 +92,18 @@ static double stirling_tail(int64_t k) {
     return (1.0 / 12 - (1.0 / 360 - r2 / 1260) * r2) * r;
 }
 
-/* n Bernoulli(p) trials, two per 64-bit output: each 32-bit half is below p 2^32 rounded with
- * probability p to within 2^-33, far below the fp32 probabilities' own rounding. */
+/* n Bernoulli(p) trials, p <= 1/2, 16 at a time: each 32-bit uniform is below p 2^32 rounded
+ * with probability p to within 2^-33, far below the fp32 probabilities' own rounding. */
 static int64_t bernoulli_sum(rng_t *g, int64_t n, double p) {
-    const uint64_t below = (uint64_t)(p * 4294967296.0 + 0.5);
-    int64_t k = 0, i = 0;
-    for (; i + 1 < n; i += 2) {
-        const uint64_t r = next64(g);
-        k += (int64_t)((r >> 32) < below) + (int64_t)((r & 0xffffffffu) < below);
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const u32x16 below = (u32x16){0} + (uint32_t)(p * 4294967296.0 + 0.5);
+    i32x16 hits = {0};
+    for (int64_t i = 0; i < n; i += 16) {
+        const i32x16 left = (i32x16){0} + (int32_t)(n - i < 16 ? n - i : 16);
+        hits -= (next16(g) < below) & (lane < left); /* a comparison's true is -1 */
     }
-    if (i < n) k += (int64_t)((next64(g) >> 32) < below);
+    int64_t k = 0;
+    for (int l = 0; l < 16; l++) k += hits[l];
     return k;
 }
 
@@ -128,10 +147,17 @@ static int64_t btrs(rng_t *g, int64_t n, double p) {
 int64_t binomial(rng_t *g, int64_t n, double p) {
     if (n <= 0 || !(p > 0)) return 0;
     if (p >= 1) return n;
-    if (p > 0.5) return n - binomial(g, n, 1 - p); /* 1 - p is exact here */
-    if (n <= BERNOULLI_MAX) return bernoulli_sum(g, n, p);
-    if ((double)n * p < 10) return inversion(g, n, p);
-    return btrs(g, n, p);
+    const int flip = p > 0.5; /* draw Bin(n, 1 - p) and return n minus it: 1 - p is exact here */
+    const double q = flip ? 1 - p : p;
+    int64_t k;
+    if (n <= BERNOULLI_MAX) {
+        k = bernoulli_sum(g, n, q);
+    } else if ((double)n * q < 10) {
+        k = inversion(g, n, q);
+    } else {
+        k = btrs(g, n, q);
+    }
+    return flip ? n - k : k;
 }
 
 /* w (K = 2^nbits floats): weights in (non-negative, any scale), multinomial counts of `shots`

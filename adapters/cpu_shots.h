@@ -3,8 +3,15 @@
 #define QAA_CPU_SHOTS_H
 #include <stdint.h>
 
-/* xoshiro256** state: one independent stream per (adapter seed, call counter, vector index). */
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+/* xoshiro256** states: one independent stream per (adapter seed, call counter, vector index),
+ * made of a scalar generator (uniforms for inversion and BTRS) and 8 lanes of generators run
+ * as one vector (16 32-bit uniforms a step, for Bernoulli trials). */
 typedef struct {
+    u64x8 v[4];
     uint64_t s[4];
 } rng_t;
 

@@ -19,13 +19,13 @@ stats = pytest.importorskip("scipy.stats")
 
 # (n, p): each of the sampler's paths, p > 1/2 (drawn as n - Bin(n, 1 - p)) and the extremes
 BINOMIALS = [
-    (10, 0.3),  # Bernoulli trials
-    (64, 0.9),  # Bernoulli trials, flipped
-    (200, 0.02),  # inversion
-    (100, 0.099),  # inversion at its largest mean
+    (10, 0.3),  # Bernoulli trials, one vector step
+    (256, 0.9),  # Bernoulli trials, flipped, 16 steps
+    (1000, 0.005),  # inversion
+    (1000, 0.0099),  # inversion at its largest mean
     (5000, 0.0015),  # inversion, large n
-    (100, 0.1),  # BTRS at its smallest mean
-    (65, 0.4),  # BTRS just above the Bernoulli trials
+    (1000, 0.01),  # BTRS at its smallest mean
+    (257, 0.4),  # BTRS just above the Bernoulli trials
     (300, 0.7),  # BTRS, flipped
     (10_000, 0.5),  # BTRS
     (1_000_000, 0.01),  # BTRS, the largest shot count a config allows
@@ -63,9 +63,9 @@ def test_binomial_draws_follow_the_pmf(lib, n, p):
 
 
 def test_binomial_check_rejects_a_shifted_sampler(lib):
-    """Negative control: draws of Bin(n, 1.01 p) fail the check against Bin(n, p)."""
-    for n, p in [(10_000, 0.5), (65, 0.4), (200, 0.02)]:
-        draws = cpu_kernels.binomial_draws(n, p * 1.01 if n > 100 else p * 1.05, 200_000, seed=7)
+    """Negative control: draws of Bin(n, p) with p 1-3% off fail the check, on each path."""
+    for n, p, off in [(10_000, 0.5, 1.01), (257, 0.4, 1.02), (1000, 0.005, 1.03), (40, 0.3, 1.03)]:
+        draws = cpu_kernels.binomial_draws(n, p * off, 200_000, seed=7)
         assert binomial_gof(draws, n, p) < 1e-6
 
 
