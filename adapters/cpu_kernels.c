@@ -90,16 +90,16 @@ static void rx_chain_u(int64_t N, const float *cs, const float *sn, const float 
 
 /* <Z_q> of the distribution p (N = 2^n, unnormalised, overwritten), q < n: exactly when shots
  * is 0, else estimated from `shots` outcomes drawn from it by cpu_shots.c's multinomial
- * (stream g; scratch tree of 3N doubles: the weights' heap, then the pending counts):
+ * (stream g; scratch: tree, 2N doubles, and pending, N counts):
  *     z_q = (1 / shots) sum_j c_j (-1)^popcount(j & mask_q),
  * every wire read from the same counts c, so the estimates are correlated as on hardware.
  * Either way a WHT reads every wire at once: y[mask_q] = sum_j y_j (-1)^popcount(j & mask_q)
  * (for counts, exact integer sums in fp32: shots < 2^24). A zero state gives z = 0. */
 static void read_z(float *p, int64_t N, int64_t n, const int64_t *masks, int64_t shots, rng_t *g, double *tree,
-                   float *z) {
+                   int64_t *pending, float *z) {
     float scale;
     if (shots > 0) {
-        scale = multinomial(p, n, shots, g, tree, (int64_t *)(tree + 2 * N)) > 0 ? 1.0f / (float)shots : 0.0f;
+        scale = multinomial(p, n, shots, g, tree, pending) > 0 ? 1.0f / (float)shots : 0.0f;
         fwht(p, N);
     } else {
         fwht(p, N);
@@ -140,7 +140,8 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
         for (int64_t iv = v0; iv < v1; iv++) {                                                          \
             const int64_t i = iv / T, t = iv % T;                                                       \
             float work[4 * N], z[n];                                                                    \
-            double tree[shots > 0 ? 3 * N : 1];                                                         \
+            double tree[shots > 0 ? 2 * N : 1];                                                         \
+            int64_t pending[shots > 0 ? N : 1];                                                         \
             rng_t g;                                                                                    \
             float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
             const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
@@ -151,7 +152,7 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             fwht(u, N);                                                                                 \
             rx_probs_u(N, cs, sn, u, re, im, y);                                                        \
             if (shots > 0) rng_init(&g, (uint64_t)seed, (uint64_t)counter, (uint64_t)iv);               \
-            read_z(y, N, n, masks, shots, &g, tree, z);                                                 \
+            read_z(y, N, n, masks, shots, &g, tree, pending, z);                                                 \
             float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                          \
             for (int64_t k = 0; k < d; k++) acc[k] = LD(hv, k);                                         \
             for (int64_t q = 0; q < n; q++) {                                                           \
@@ -223,7 +224,8 @@ void qaa_rx_z(const float *h, int64_t M, int64_t d, const float *cs, const float
 #pragma omp parallel if (M >= 64)
     {
         float work[4 * N];
-        double tree[shots > 0 ? 3 * N : 1];
+        double tree[shots > 0 ? 2 * N : 1];
+        int64_t pending[shots > 0 ? N : 1];
         rng_t g;
         float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;
 #pragma omp for schedule(static)
@@ -231,7 +233,7 @@ void qaa_rx_z(const float *h, int64_t M, int64_t d, const float *cs, const float
             embed_u(h + v * d, d, N, u);
             rx_probs_u(N, cs, sn, u, re, im, y);
             if (shots > 0) rng_init(&g, (uint64_t)seed, (uint64_t)counter, (uint64_t)v);
-            read_z(y, N, n, masks, shots, &g, tree, z + v * n);
+            read_z(y, N, n, masks, shots, &g, tree, pending, z + v * n);
         }
     }
 }
