@@ -2,10 +2,13 @@
  * banks directly (no per-row gather) and adds into the base output in place. Activations are
  * fp32 or bf16 (the model's dtype; each serving kernel exists once per dtype, suffixed _f32 /
  * _bf16); the arithmetic is fp32 throughout, and a bf16 output is rounded once, when written.
- * Training: QAA RX <Z> and its gradient, fp32. Built and loaded by cpu_kernels.py.
+ * Training: QAA RX <Z> and its gradient, fp32. Built (with cpu_shots.c, the shot sampler) and
+ * loaded by cpu_kernels.py.
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_shots.h"
 
 /* bf16 is the top half of an fp32: widening is a shift; narrowing rounds to nearest even, as
  * torch does (NaN stays a quiet NaN). With -march=native on a CPU with avx512_bf16 the
@@ -72,25 +75,57 @@ static void fwht(float *x, int64_t N) {
             }
 }
 
-/* re/im = WHT(u * cs/sn), y = WHT(re^2 + im^2), given u = WHT(pad(h_v)): the chain every QAA
- * RX kernel runs per vector (y[0] = sum p, y[mask_q] = the unnormalised <Z_q>). */
-static void rx_chain_u(int64_t N, const float *cs, const float *sn, const float *u, float *re, float *im,
-                       float *y) {
+/* re/im = WHT(u * cs/sn), p = re^2 + im^2, given u = WHT(pad(h_v)): the circuit's output
+ * distribution over basis indices (before the ring permutations), unnormalised. */
+static void rx_probs_u(int64_t N, const float *cs, const float *sn, const float *u, float *re, float *im,
+                       float *p) {
     for (int64_t j = 0; j < N; j++) {
         re[j] = u[j] * cs[j];
         im[j] = u[j] * sn[j];
     }
     fwht(re, N);
     fwht(im, N);
-    for (int64_t j = 0; j < N; j++) y[j] = re[j] * re[j] + im[j] * im[j];
+    for (int64_t j = 0; j < N; j++) p[j] = re[j] * re[j] + im[j] * im[j];
+}
+
+/* y = WHT(p) after rx_probs_u: the chain every QAA RX kernel runs per vector (y[0] = sum p,
+ * y[mask_q] = the unnormalised <Z_q>). */
+static void rx_chain_u(int64_t N, const float *cs, const float *sn, const float *u, float *re, float *im,
+                       float *y) {
+    rx_probs_u(N, cs, sn, u, re, im, y);
     fwht(y, N);
+}
+
+/* <Z_q> of the distribution p (N = 2^n, unnormalised, overwritten), q < n: exactly when shots
+ * is 0, else estimated from `shots` outcomes drawn from it by cpu_shots.c's multinomial
+ * (stream g; scratch: tree, 2N doubles, and pending, N counts):
+ *     z_q = (1 / shots) sum_j c_j (-1)^popcount(j & mask_q),
+ * every wire read from the same counts c, so the estimates are correlated as on hardware.
+ * Either way a WHT reads every wire at once: y[mask_q] = sum_j y_j (-1)^popcount(j & mask_q)
+ * (for counts, exact integer sums in fp32: shots < 2^24). A zero state gives z = 0. */
+static void read_z(float *p, int64_t N, int64_t n, const int64_t *masks, int64_t shots, rng_t *g, double *tree,
+                   int64_t *pending, float *z) {
+    float scale;
+    if (shots > 0) {
+        scale = multinomial(p, n, shots, g, tree, pending) > 0 ? 1.0f / (float)shots : 0.0f;
+        fwht(p, N);
+    } else {
+        fwht(p, N);
+        scale = p[0] > 0.0f ? 1.0f / p[0] : 0.0f; /* p[0] = sum_j p_j */
+    }
+    for (int64_t q = 0; q < n; q++) z[q] = p[masks[q]] * scale;
+}
+
+/* u = WHT(pad(h_v)), for an fp32 h_v. */
+static void embed_u(const float *hv, int64_t d, int64_t N, float *u) {
+    memcpy(u, hv, d * sizeof(float));
+    memset(u + d, 0, (N - d) * sizeof(float));
+    fwht(u, N);
 }
 
 static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
                      float *u, float *re, float *im, float *y) {
-    memcpy(u, hv, d * sizeof(float));
-    memset(u + d, 0, (N - d) * sizeof(float));
-    fwht(u, N);
+    embed_u(hv, d, N, u);
     rx_chain_u(N, cs, sn, u, re, im, y);
 }
 
@@ -99,16 +134,23 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
  * when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks:
  * (n,). The circuit, <Z> and the up-projection are fp32 whatever h's type (<Z> always is: see
  * DESIGN.md); h_v + W_up z + b is summed in fp32 and rounded once. The 4 N floats of scratch
- * live on the stack, which stays in cache between calls. */
+ * live on the stack, which stays in cache between calls.
+ * shots > 0: shot emulation (adapters/emulation.py `shot_z`): z is estimated from `shots`
+ * outcomes drawn for vector iv from the stream (seed, counter, iv) (see cpu_shots.c); the
+ * caller advances counter once per call, so each call and vector has a stream of its own. */
 #define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST)                                                           \
     void qaa_rx_residual_##SUFFIX(T_ *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots, \
                                   int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n, \
-                                  const int64_t *masks, int64_t threads) {                              \
+                                  const int64_t *masks, int64_t shots, int64_t seed, int64_t counter,    \
+                                  int64_t threads) {                                                    \
         const int64_t N = (int64_t)1 << n;                                                              \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 2)") \
         for (int64_t iv = v0; iv < v1; iv++) {                                                          \
             const int64_t i = iv / T, t = iv % T;                                                       \
-            float work[4 * N];                                                                          \
+            float work[4 * N], z[n];                                                                    \
+            double tree[shots > 0 ? 2 * N : 1];                                                         \
+            int64_t pending[shots > 0 ? N : 1];                                                         \
+            rng_t g;                                                                                    \
             float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
             const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
             const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
@@ -124,12 +166,13 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             for (int64_t k = 0; k < d; k++) u[k] = LD(hv, k);                                           \
             memset(u + d, 0, (N - d) * sizeof(float));                                                 \
             fwht(u, N);                                                                                 \
-            rx_chain_u(N, cs, sn, u, re, im, y);                                                        \
-            const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f; /* y[0] = sum_j p_j */                 \
+            rx_probs_u(N, cs, sn, u, re, im, y);                                                        \
+            if (shots > 0) rng_init(&g, (uint64_t)seed, (uint64_t)counter, (uint64_t)iv);               \
+            read_z(y, N, n, masks, shots, &g, tree, pending, z);                                                 \
             float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                          \
             for (int64_t k = 0; k < d; k++) acc[k] = LD(hv, k);                                         \
             for (int64_t q = 0; q < n; q++) {                                                           \
-                const float zq = y[masks[q]] * inv, *wq = w + q * d;                                    \
+                const float zq = z[q], *wq = w + q * d;                                                 \
                 for (int64_t k = 0; k < d; k++) acc[k] += zq * wq[k];                                   \
             }                                                                                           \
             for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + b[k]);                                   \
@@ -192,7 +235,8 @@ LORA_DELTA(bf16_w32, bf16, ld_bf16, st_bf16, float, ld_f32)
 
 /* ---- QAA RX <Z> for training: one circuit (cs, sn) for M vectors, and its gradient ------
  * Forward: z[v, q] = y[mask_q] / y[0], y = WHT(p), p = WHT(u*cs)^2 + WHT(u*sn)^2, u = WHT(pad h_v)
- * (the same chain as qaa_rx_residual, without the up-projection, which autograd handles).
+ * (the same chain as qaa_rx_residual, without the up-projection, which autograd handles);
+ * with shots > 0, the shot estimate of qaa_rx_residual's vector v instead (no gradient).
  * Backward, given gz (M, n), recomputing the forward per vector (nothing of size N is kept
  * between the passes; WHT is its own transpose):
  *     gy[mask_q] = gz_q / y0,  gy[0] = -sum_q gz_q z_q / y0,  gp = WHT(gy)
@@ -200,17 +244,21 @@ LORA_DELTA(bf16_w32, bf16, ld_bf16, st_bf16, float, ld_f32)
  *     gcs += ga u,  gsn += gb u,  gh = WHT(ga cs + gb sn)[:d]
  * Both split the M vectors over the OpenMP threads (torch's own pool: see cpu_kernels.py). */
 void qaa_rx_z(const float *h, int64_t M, int64_t d, const float *cs, const float *sn,
-              int64_t n, const int64_t *masks, float *z) {
+              int64_t n, const int64_t *masks, int64_t shots, int64_t seed, int64_t counter, float *z) {
     const int64_t N = (int64_t)1 << n;
 #pragma omp parallel if (M >= 64)
     {
         float work[4 * N];
+        double tree[shots > 0 ? 2 * N : 1];
+        int64_t pending[shots > 0 ? N : 1];
+        rng_t g;
         float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;
 #pragma omp for schedule(static)
         for (int64_t v = 0; v < M; v++) {
-            rx_chain(h + v * d, d, N, cs, sn, u, re, im, y);
-            const float inv = y[0] > 0.0f ? 1.0f / y[0] : 0.0f;
-            for (int64_t q = 0; q < n; q++) z[v * n + q] = y[masks[q]] * inv;
+            embed_u(h + v * d, d, N, u);
+            rx_probs_u(N, cs, sn, u, re, im, y);
+            if (shots > 0) rng_init(&g, (uint64_t)seed, (uint64_t)counter, (uint64_t)v);
+            read_z(y, N, n, masks, shots, &g, tree, pending, z + v * n);
         }
     }
 }

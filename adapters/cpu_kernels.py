@@ -7,7 +7,10 @@ the cost: ~150 us per QAA module for two rows in a real decode step. Each C kern
 module for every listed row in one call, reading the slot banks directly. For training, a
 QAA RX module's <Z> and its backward are one kernel each (`rx_z`), with butterfly
 transforms instead of the Kronecker matmuls' ~6x more arithmetic, and no 2^n-sized
-activations kept between the passes.
+activations kept between the passes. Shot emulation of an RX module runs in the same
+kernel (`qaa_rx_(..., shots=N)`): the circuit's exact output distribution, an exact
+multinomial sample of N outcomes (cpu_shots.c: a binary tree of binomial splits, seeded per
+adapter, call and vector) and <Z> read from those counts, then the up-projection.
 
 They are compiled once per machine with the system C compiler ($CC, else `cc`) into
 $QAA_CACHE_DIR/kernels (a file named by the hash of the source, flags and CPU) and loaded
@@ -34,6 +37,8 @@ from adapters.base import cache_root
 from adapters.circuit import readout
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = [SOURCE, SOURCE.with_name("cpu_shots.c")]
+HEADERS = [SOURCE.with_name("cpu_shots.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 ENV_SWITCH = "QAA_CPU_KERNEL"
 MAX_TOKENS = 64
@@ -63,7 +68,8 @@ def library():
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     cc = os.environ.get("CC", "cc")
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    digest = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"cpu_kernels-{digest}.so"
     try:
         if not lib.exists():
@@ -71,7 +77,8 @@ def library():
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
             try:  # build beside the target and rename: concurrent builders never see half a file
-                subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True,
+                               timeout=120)
                 os.replace(tmp, lib)
             finally:
                 Path(tmp).unlink(missing_ok=True)
@@ -82,10 +89,12 @@ def library():
                       "using the torch path", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    argtypes = {"qaa_rx_z": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr],
-                "qaa_rx_z_backward": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]}
+    argtypes = {"qaa_rx_z": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr],
+                "qaa_rx_z_backward": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr],
+                "qaa_binomial_draws": [i64, ctypes.c_double, i64, i64, ptr],
+                "qaa_multinomial": [ptr, i64, i64, i64, i64, i64, ptr, i64]}
     for sfx in SUFFIX.values():
-        argtypes[f"qaa_rx_residual_{sfx}"] = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64]
+        argtypes[f"qaa_rx_residual_{sfx}"] = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64]
     for sfx in LORA_VARIANTS.values():
         argtypes[f"lora_delta_{sfx}"] = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
     for name, types in argtypes.items():
@@ -121,8 +130,8 @@ def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
 
 def qaa_rx_plan(rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor, upb: torch.Tensor, n: int, L: int,
                 dtype: torch.dtype):
-    """`qaa_rx_` for one routing and module, bound once: plan(h) adds into h (B, T, d) of
-    `dtype`. Decode steps repeat their routing, so the banks keep a plan per module and pay
+    """`qaa_rx_` for one routing and module, bound once: plan(h, shots=0, seed=0, counter=0,
+    threads=None) adds into h (B, T, d) of `dtype`. Decode steps repeat their routing, so the banks keep a plan per module and pay
     only for h's pointer and shape per call (the ctypes call dominates a small batch's cost).
     None when the kernel cannot take `dtype` here."""
     assert phase.is_contiguous() and upb.is_contiguous() and rows.is_contiguous() and slots.is_contiguous()
@@ -134,22 +143,28 @@ def qaa_rx_plan(rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor, up
     tail = (phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
     held = (rows, slots, phase, upb, m)  # the pointers above stay valid while the plan lives
 
-    def plan(h: torch.Tensor) -> torch.Tensor:
+    def plan(h: torch.Tensor, shots: int = 0, seed: int = 0, counter: int = 0, threads: int | None = None):
         assert h.dtype == dtype and h.is_contiguous() and h.device.type == "cpu" and held
-        fn(h.data_ptr(), h.shape[1], h.shape[2], *fixed, R * h.shape[1], *tail, torch.get_num_threads())
+        fn(h.data_ptr(), h.shape[1], h.shape[2], *fixed, R * h.shape[1], *tail, shots, seed, counter,
+           threads or torch.get_num_threads())
         return h
 
     return plan
 
 
 def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor,
-            upb: torch.Tensor, n: int, L: int) -> torch.Tensor:
+            upb: torch.Tensor, n: int, L: int, shots: int = 0, seed: int = 0, counter: int = 0,
+            threads: int | None = None) -> torch.Tensor:
     """In place: h[rows[i]] += W_up z + b with slot slots[i]'s RX circuit, for every i.
 
     h (B, T, d) fp32 or bf16 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n) and upb
     (S, n + 1, d) fp32 (the circuit and <Z> are fp32 whatever h's dtype).
+    shots > 0: z is the shot estimate of emulation.shot_z instead (same distribution: counts
+    multinomial over the exact output distribution, every wire read from them), vector
+    v = i * T + t drawing from the stream (seed, counter, v), whatever the thread count; the
+    caller passes a new counter per call.
     """
-    return qaa_rx_plan(rows, slots, phase, upb, n, L, h.dtype)(h)
+    return qaa_rx_plan(rows, slots, phase, upb, n, L, h.dtype)(h, shots, seed, counter, threads)
 
 
 def lora_plan(rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
@@ -196,7 +211,7 @@ class _RXZ(torch.autograd.Function):
         cs, sn = cs.detach().contiguous(), sn.detach().contiguous()
         M, d = x.shape
         z, m = torch.empty(M, n), masks(n, L)
-        library().qaa_rx_z(x.data_ptr(), M, d, cs.data_ptr(), sn.data_ptr(), n, m.data_ptr(), z.data_ptr())
+        library().qaa_rx_z(x.data_ptr(), M, d, cs.data_ptr(), sn.data_ptr(), n, m.data_ptr(), 0, 0, 0, z.data_ptr())
         ctx.save_for_backward(x, cs, sn)
         ctx.n, ctx.L, ctx.shape = n, L, h.shape
         return z.view(*h.shape[:-1], n)
@@ -216,3 +231,35 @@ def rx_z(h: torch.Tensor, compiled: torch.Tensor, n: int, L: int) -> torch.Tenso
     """<Z> (..., n) of an RX circuit compiled to (2, 2^n) = (cos, sin), differentiable in h and
     in `compiled` (so in the angles); h fp32 on the CPU (see `usable`: dtypes=(torch.float32,))."""
     return _RXZ.apply(h, compiled[0], compiled[1], n, L)
+
+
+def rx_shot_z(h: torch.Tensor, compiled: torch.Tensor, n: int, L: int, shots: int, seed: int = 0,
+              counter: int = 0) -> torch.Tensor:
+    """The fused kernel's shot estimates of <Z> (..., n) for fp32 h (..., d) on one RX circuit
+    compiled to (2, 2^n): vector v of h's flattened rows from the stream (seed, counter, v), as
+    qaa_rx_ draws them (tests and references; no gradient)."""
+    x = h.detach().reshape(-1, h.shape[-1]).float().contiguous()
+    cs, sn = (c.detach().float().contiguous() for c in compiled)
+    z = torch.empty(x.shape[0], n)
+    library().qaa_rx_z(x.data_ptr(), x.shape[0], x.shape[1], cs.data_ptr(), sn.data_ptr(), n, masks(n, L).data_ptr(),
+                       shots, seed, counter, z.data_ptr())
+    return z.view(*h.shape[:-1], n)
+
+
+def multinomial(probs: torch.Tensor, shots: int, seed: int = 0, counter: int = 0,
+                threads: int | None = None) -> torch.Tensor:
+    """The fused kernel's sampler on its own: counts (R, K) of `shots` draws from each row of
+    probs (R, K = 2^n), row r from the stream (seed, counter, r) (tests)."""
+    w = probs.detach().float().contiguous()
+    R, K = w.shape
+    counts = torch.empty_like(w)
+    library().qaa_multinomial(w.data_ptr(), R, K.bit_length() - 1, shots, seed, counter, counts.data_ptr(),
+                              threads or torch.get_num_threads())
+    return counts
+
+
+def binomial_draws(n: int, p: float, M: int, seed: int = 0) -> torch.Tensor:
+    """M draws of Bin(n, p) from the fused kernel's sampler, one stream (tests)."""
+    out = torch.empty(M, dtype=torch.int64)
+    library().qaa_binomial_draws(n, p, M, seed, out.data_ptr())
+    return out

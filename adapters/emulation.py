@@ -6,7 +6,11 @@ distribution |psi_i|^2, and <Z_q> is estimated by the mean of wire q's eigenvalu
 We draw the N outcomes (their counts, a multinomial sample) from the exact distribution of
 `circuit.probabilities` and read every wire from the same outcomes, so the estimates of the
 n wires are as correlated as on hardware. Each estimate is unbiased with variance
-(1 - <Z_q>^2) / N.
+(1 - <Z_q>^2) / N. `shot_z` / `sample_counts` here are the torch reference, run for RY
+circuits and off the CPU; RX modules on the CPU draw inside the fused kernel instead
+(cpu_kernels.qaa_rx_ with shots: the same distribution, an exact binomial-tree multinomial
+in C whose cost stops growing with N, from a counter-based stream per adapter, call and
+vector, so the draws do not depend on the thread count).
 
 Noise. The model is PennyLane's `qml.DepolarizingChannel(p)` on every wire after each circuit
 layer (after its rotations and its CNOT ring), i.e. rho -> (1 - p) rho + p/3 (X rho X + Y rho Y
@@ -50,7 +54,8 @@ class Emulation:
     depolarizing: float = 0.0
     """Depolarizing probability p on every wire after each layer (0: no noise)."""
     seed: int = 0
-    """Seeds the shot sampler (one generator per loaded adapter)."""
+    """Seeds the shot sampler (one stream per loaded adapter: a torch generator on the torch
+    path; the fused kernel's streams are keyed by it, the call count since the load and the vector)."""
 
     def generator(self, device="cpu") -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)

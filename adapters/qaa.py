@@ -192,8 +192,11 @@ class QAABank:
     same semantics).
 
     A slot loaded with an emulation (config qaa_shots / qaa_noise) replaces Z(h[b]; circuit[s])
-    by its shot estimate (drawn from the slot's own seeded generator) or its noisy
+    by its shot estimate (drawn from the slot's own seeded stream) or its noisy
     expectation; its rows form their own group per module, so exact rows never pay for it.
+    Shots on RX modules of CPU states run in the fused kernel (sampling included), its stream
+    keyed by (qaa_seed, the slot's count of kernel calls since its load, the vector); elsewhere
+    the torch reference (emulation.shot_z) draws from the slot's torch generator.
 
     `residual_static` is the exact loop for a captured step (engine.graph): every row through
     every module and variant the bank holds; emulated slots are not served by it.
@@ -207,6 +210,7 @@ class QAABank:
         self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
         self.plans: dict = {}  # (module, routing entry, dtype) -> (its listed rows, the bound kernel)
         self.emulated: dict[int, tuple] = {}  # slot -> (Emulation, generator, {(layer, where): noisy obs})
+        self.calls: dict[int, int] = {}  # emulated slot -> fused-kernel calls since its load (its stream's counter)
         self.layout = 0  # bumped when a (module, variant) is added (a captured step's shapes)
 
     def load(self, slot: int, compiled) -> None:
@@ -226,12 +230,14 @@ class QAABank:
         if emulated is not None:
             emu, noisy = emulated
             self.emulated[slot] = (emu, emu.generator(self.device), noisy)
+            self.calls[slot] = 0
 
     def clear(self, slot: int) -> None:
         self.gathered.clear()
         self.plans.clear()
         variant, mods = self.owned.pop(slot, (None, ()))
         self.emulated.pop(slot, None)
+        self.calls.pop(slot, None)
         for layer, w in mods:
             for t in self.mods[(layer, w, variant)]:
                 t[slot].zero_()
@@ -271,7 +277,7 @@ class QAABank:
         for variant, rows, sl, listed, emulated in route.get((layer, where), ()):
             rotation, L = variant
             if emulated:
-                h = self._emulated(layer, where, h, variant, rows, sl, emulated)
+                h = self._emulated(layer, where, h, variant, rows, sl, listed, emulated)
                 continue
             if rotation == "RX" and listed is not None and h.is_contiguous():
                 plan = self._plan(layer, where, variant, listed, h.dtype)
@@ -304,10 +310,16 @@ class QAABank:
             h = torch.baddbmm(h.float(), z1, upb).to(h.dtype)  # h + Z W_up^T + b in fp32, rounded once
         return h
 
-    def _emulated(self, layer, where, h, variant, rows, sl, slot):
+    def _emulated(self, layer, where, h, variant, rows, sl, listed, slot):
         rotation, L = variant
         emu, gen, noisy = self.emulated[slot]
         *circuit, upb = self.mods[(layer, where, variant)]
+        plan = self._plan(layer, where, variant, listed, h.dtype) if emu.shots and rotation == "RX" \
+            and listed is not None and h.is_contiguous() else None
+        if plan is not None:
+            counter = self.calls[slot]
+            self.calls[slot] = counter + 1
+            return plan(h, emu.shots, emu.seed, counter)
         x = h if rows is None else h[rows]  # (B', T, d), every row in this slot
         if emu.shots:
             compiled = circuit[0][slot] if rotation == "RX" else tuple(c[slot] for c in circuit)

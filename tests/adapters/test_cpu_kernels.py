@@ -7,7 +7,6 @@ same (bf16) inputs, rounded once. Whole-model coverage (the banks inside a mixed
 and without the kernels, fp32 and bf16) is in test_generic.py.
 """
 
-import shutil
 import warnings
 
 import pytest
@@ -15,15 +14,6 @@ import torch
 
 from adapters import cpu_kernels
 from adapters.circuit import compile_circuit, expectations
-
-
-@pytest.fixture(scope="module")
-def lib():
-    so = cpu_kernels.library()
-    if so is None and shutil.which("cc") is None:
-        pytest.skip("no C compiler on this machine: the banks use their torch paths")
-    assert so is not None, "a C compiler is here but the kernels did not build"
-    return so
 
 
 def check_rounded_once(got: torch.Tensor, want: torch.Tensor) -> None:
