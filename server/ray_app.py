@@ -57,16 +57,21 @@ class EngineReplica:
         from server.cli import build, parse_args
 
         torch.set_num_threads(threads)
-        self.s = build(parse_args(argv)).state.s
+        args = parse_args(argv)
+        self.s = build(args).state.s
         self.s.store.refresh_seconds = refresh_seconds
         self.s.scheduler.start()
         self.name = _replica_name()
 
-    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("QAA_RAY_ADAPTERS_PER_REPLICA", "256")))
-    async def _adapter(self, model_id: str):
-        """What Serve's router counts as held here: the residency's host tier holds the
-        adapter itself (read on first use, counted in qaa_adapter_cache_misses)."""
-        return SimpleNamespace(id=model_id)
+        async def held(model_id: str):
+            """What Serve's router counts as held here: the residency's host tier holds the
+            adapter itself (read on first use, counted in qaa_adapter_cache_misses)."""
+            return SimpleNamespace(id=model_id)
+
+        # Made here, not at class level, so that the ids Serve keeps (LRU by request) are as
+        # many as the host tier holds (LRU by use): a larger count reports adapters the
+        # residency has dropped, a smaller one hides adapters it still holds from the router.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=args.max_host_adapters)(held)
 
     async def generate(self, prompt_ids: list[int], params, entry):
         """Events of one generation, after a first item naming this replica."""
