@@ -100,12 +100,18 @@ class EngineReplica:
             if not ended:  # the ingress cancelled (its client went away)
                 self.s.scheduler.cancel(req)
 
-    def stats(self) -> tuple[str, dict]:
-        """(this replica, its adapter cache counters): what server.bench_fleet sums."""
+    async def stats(self) -> tuple[str, dict, list[str]]:
+        """(this replica, its adapter cache counters, the adapters in its host tier): what
+        server.bench_fleet sums and compares across replicas."""
         m = self.s.metrics
-        return self.name, {f"{kind}_{tier}": c.labels(tier=tier)._value.get()
-                           for kind, c in (("hits", m.adapter_hits), ("misses", m.adapter_misses))
-                           for tier in ("device", "host")}
+        counts = {f"{kind}_{tier}": c.labels(tier=tier)._value.get()
+                  for kind, c in (("hits", m.adapter_hits), ("misses", m.adapter_misses)) for tier in ("device", "host")}
+        loop = asyncio.get_running_loop()
+        held = loop.create_future()
+        # read on the scheduler's thread, the only one that changes the residency
+        self.s.scheduler.post(lambda: loop.call_soon_threadsafe(
+            held.set_result, sorted({f"{t}/{a}" for t, a, _ in self.s.residency.host})))
+        return self.name, counts, await asyncio.wait_for(held, 30)
 
     def check_health(self):
         """Serve's liveness probe: the scheduler thread must be alive."""
