@@ -95,6 +95,11 @@ def run_once(url: str, names: list[str], concurrency: int, new_tokens: int) -> l
     return out
 
 
+def _ints(text: str) -> list[int]:
+    """A comma-separated list of sizes (one value: no sweep)."""
+    return [int(x) for x in text.split(",")]
+
+
 def replica_stats(handle, replicas: int) -> dict:
     """{replica: (its adapter cache counters, the adapters in its host tier)}."""
     seen = {}
@@ -138,7 +143,6 @@ def measure(url: str, app_args: dict, warm: list[str], names: list[str], a) -> d
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap.add_argument("--model", default=None, help="local checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--adapters", type=int, default=1000)
     ap.add_argument("--requests", type=int, default=300, help="measured requests per run")
@@ -146,8 +150,8 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--host-adapters", type=ints, default=[64], help="host-tier adapters per replica (a list sweeps)")
-    ap.add_argument("--device-adapters", type=ints, default=[8], help="device-slot adapters per replica (a list sweeps)")
+    ap.add_argument("--host-adapters", type=_ints, default=[64], help="host-tier adapters per replica (a list sweeps)")
+    ap.add_argument("--device-adapters", type=_ints, default=[8], help="device-slot adapters per replica (a list sweeps)")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -209,10 +213,10 @@ def print_table(results: dict, ideal: dict, floor: float) -> None:
             print(f"| {host} / {dev} | {m} | {x['disk']:.1f} | {x['disk'] - floor:.1f} | {x['device']:.1f} | "
                   f"{i.disk:.1f}, {i.device:.1f} | {x['both']:.0f} | {x['p50'] * 1000:.0f} ms | {x['p99'] * 1000:.0f} ms |")
         af, pl = med["affinity"], med["plain"]
-        ratio = lambda k: af[k] / max(pl[k], 1e-9)  # noqa: E731
+        r = {k: af[k] / max(pl[k], 1e-9) for k in af}
         rep = (af["disk"] - floor) / max(pl["disk"] - floor, 1e-9)
-        print(f"| {host} / {dev} | **affinity / plain** | **{ratio('disk'):.2f}** | **{rep:.2f}** | "
-              f"**{ratio('device'):.2f}** | | | {ratio('p50'):.2f} | {ratio('p99'):.2f} |")
+        print(f"| {host} / {dev} | **affinity / plain** | **{r['disk']:.2f}** | **{rep:.2f}** | "
+              f"**{r['device']:.2f}** | | | {r['p50']:.2f} | {r['p99']:.2f} |")
     print(f"\nfirst uses (in every disk-read count above): {floor:.1f} per 100 measured requests")
 
 
