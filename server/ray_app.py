@@ -57,16 +57,21 @@ class EngineReplica:
         from server.cli import build, parse_args
 
         torch.set_num_threads(threads)
-        self.s = build(parse_args(argv)).state.s
+        args = parse_args(argv)
+        self.s = build(args).state.s
         self.s.store.refresh_seconds = refresh_seconds
         self.s.scheduler.start()
         self.name = _replica_name()
 
-    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("QAA_RAY_ADAPTERS_PER_REPLICA", "256")))
-    async def _adapter(self, model_id: str):
-        """What Serve's router counts as held here: the residency's host tier holds the
-        adapter itself (read on first use, counted in qaa_adapter_cache_misses)."""
-        return SimpleNamespace(id=model_id)
+        async def held(model_id: str):
+            """What Serve's router counts as held here: the residency's host tier holds the
+            adapter itself (read on first use, counted in qaa_adapter_cache_misses)."""
+            return SimpleNamespace(id=model_id)
+
+        # Made here, not at class level, so that the ids Serve keeps (LRU by request) are as
+        # many as the host tier holds (LRU by use): a larger count reports adapters the
+        # residency has dropped, a smaller one hides adapters it still holds from the router.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=args.max_host_adapters)(held)
 
     async def generate(self, prompt_ids: list[int], params, entry):
         """Events of one generation, after a first item naming this replica."""
@@ -95,12 +100,18 @@ class EngineReplica:
             if not ended:  # the ingress cancelled (its client went away)
                 self.s.scheduler.cancel(req)
 
-    def stats(self) -> tuple[str, dict]:
-        """(this replica, its adapter cache counters): what server.bench_fleet sums."""
+    async def stats(self) -> tuple[str, dict, list[str]]:
+        """(this replica, its adapter cache counters, the adapters in its host tier): what
+        server.bench_fleet sums and compares across replicas."""
         m = self.s.metrics
-        return self.name, {f"{kind}_{tier}": c.labels(tier=tier)._value.get()
-                           for kind, c in (("hits", m.adapter_hits), ("misses", m.adapter_misses))
-                           for tier in ("device", "host")}
+        counts = {f"{kind}_{tier}": c.labels(tier=tier)._value.get()
+                  for kind, c in (("hits", m.adapter_hits), ("misses", m.adapter_misses)) for tier in ("device", "host")}
+        loop = asyncio.get_running_loop()
+        held = loop.create_future()
+        # read on the scheduler's thread, the only one that changes the residency
+        self.s.scheduler.post(lambda: loop.call_soon_threadsafe(
+            held.set_result, sorted({f"{t}/{a}" for t, a, _ in self.s.residency.host})))
+        return self.name, counts, await asyncio.wait_for(held, 30)
 
     def check_health(self):
         """Serve's liveness probe: the scheduler thread must be alive."""

@@ -52,6 +52,10 @@ class Residency:
         h = self.device.get(key)
         if h is not None:
             self.device.move_to_end(key)
+            # Host memory is LRU by use, like Serve's multiplexed LRU (server.ray_app): else an
+            # adapter hot on the device ages out of host memory and its next device load is a disk read.
+            if key in self.host:
+                self.host.move_to_end(key)
             self._count("device", hit=True)
             self.pins[key] += 1
             return h

@@ -15,6 +15,12 @@ saw: uploads of one adapter are totally ordered by N. After publishing v<N>, ver
 N-1 are removed (the one before stays, so a replica that resolved it a moment ago can still
 read it). A delete renames the adapter's directory away in one step.
 
+Readers racing a writer: a version is removed only once a newer one is published (put prunes
+superseded versions; delete renames the whole adapter away), and rmtree takes a directory apart
+file by file. So a version that is missing or incomplete while a newer one exists (or the
+adapter is gone) is going away, and the reader retries with the newest; one that is incomplete
+or invalid while it is still the newest is broken, and the reader gets its validation error.
+
 Readers: each replica caches what it saw and re-reads an adapter's directory from disk when
 its cached view is older than `refresh_seconds` (and list() rescans the tree on the same
 bound), so a replacement or delete through any replica is seen by every other one within
@@ -73,6 +79,12 @@ STALE_TEMP_SECONDS = 3600.0
 """Age after which a dot-prefixed temp directory is taken as a crash's leftover."""
 
 
+READ_TRIES = 5
+"""Looks a reader takes when the version it resolved goes away under it. Each look takes the
+newest version, and put removes a version only two uploads after it, so running out means
+uploads outpace reads, not a broken adapter."""
+
+
 def _versions(adir: Path) -> tuple[list[int], int]:
     """(published versions, highest claimed version) of one adapter directory."""
     published, claimed = [], 0
@@ -86,6 +98,22 @@ def _versions(adir: Path) -> tuple[list[int], int]:
         elif n.startswith(".claim-v") and n[8:].isdigit():
             claimed = max(claimed, int(n[8:]))
     return sorted(published), claimed
+
+
+def _going_away(adir: Path, version: int) -> bool:
+    """Whether v<version> may be vanishing under a reader: it is gone, or a newer version is
+    published (only superseded versions are removed). False: it is the newest and stays."""
+    published, _ = _versions(adir)
+    return not published or published[-1] != version
+
+
+def _remove(tmp: Path | None) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _outpaced(adapter_id: str) -> AdapterError:
+    return AdapterError(f"adapter {adapter_id!r} is being replaced faster than it can be read; try again")
 
 
 class Store:
@@ -125,7 +153,7 @@ class Store:
     def _entry_from_disk(self, tenant: str, adapter_id: str) -> Entry | None:
         """The newest published version as it is on disk now (None: no such adapter)."""
         adir = self.root / tenant / adapter_id
-        for _ in range(5):  # a version can vanish between listing and reading: look again
+        for _ in range(READ_TRIES):  # a version can vanish between listing and reading: look again
             versions, _ = _versions(adir)
             if not versions:
                 return None
@@ -140,11 +168,13 @@ class Store:
                 created = d.stat().st_mtime
             except FileNotFoundError:
                 continue
+            if _going_away(adir, v):  # superseded meanwhile: the size may be of a half-removed v<N>
+                continue
             e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg))
             with self._lock:
                 self._parsed[e.key] = e
             return e
-        return None
+        raise _outpaced(adapter_id)
 
     def _refresh(self, tenant: str, adapter_id: str) -> Entry | None:
         e = self._entry_from_disk(tenant, adapter_id)
@@ -195,21 +225,24 @@ class Store:
 
     def read(self, e: Entry) -> Adapter:
         """Load and validate one stored version (host memory, CPU tensors); if a newer upload
-        has removed it meanwhile, the newest version. Called from a loader thread, so its
-        torch ops run serially (see adapters.threads)."""
+        has removed it meanwhile (even halfway), the newest version. An invalid newest version
+        raises its AdapterError. Called from a loader thread, so its torch ops run serially
+        (see adapters.threads)."""
         with serial():
-            for _ in range(5):
-                d = self.root / e.tenant / e.adapter_id / f"v{e.version}"
+            for _ in range(READ_TRIES):
+                adir = self.root / e.tenant / e.adapter_id
                 try:
-                    if d.is_dir():
-                        return load_dir(d, self.shape, self.capacity)
-                except FileNotFoundError:
+                    return load_dir(adir / f"v{e.version}", self.shape, self.capacity)
+                except FileNotFoundError:  # a file went between load_dir's checks and its read
                     pass
+                except AdapterError:  # missing or incomplete: going away, or broken?
+                    if not _going_away(adir, e.version):
+                        raise  # there, the newest, and invalid: its own error
                 newer = self._refresh(e.tenant, e.adapter_id)  # removed by a newer upload or a delete
                 if newer is None:
                     raise NotFound(f"adapter {e.adapter_id!r} was deleted")
                 e = newer
-            raise AdapterError("the adapter is being replaced faster than it can be read")
+            raise _outpaced(e.adapter_id)
 
     # --- writes ------------------------------------------------------------------------
     def put(self, tenant: str, adapter_id: str, config: bytes, weights: bytes) -> tuple[Entry, Adapter]:
@@ -223,14 +256,15 @@ class Store:
             ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
         adir = self.root / tenant / adapter_id
         adir.mkdir(parents=True, exist_ok=True)
-        tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
+        tmp = None
         try:
+            tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
             version = self._publish(adir, tmp)
-        except FileNotFoundError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:  # a delete renamed adir away after the mkdir
+            _remove(tmp)
             raise AdapterError(f"adapter {adapter_id!r} was deleted while this upload was written; upload it again") from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             raise
         e = Entry(tenant, adapter_id, version, ad.kind, len(config) + len(weights), time.time(),
                   get_type(ad.kind).virtual_tokens(ad.config))

@@ -5,13 +5,20 @@ import concurrent.futures as cf
 import os
 import threading
 import time
+from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import load as st_load
 
+import server.store
+from adapters.base import AdapterError
+from adapters.files import CONFIG_NAME, WEIGHTS_NAME
 from engine.engine import Engine
 from engine.sampling import SamplingParams
-from server.store import Store
+from server.store import NotFound, Store
 from tests.adapters.cases import CASES, make
 from tests.server.harness import ProcServer, adapter_files, generate, upload
 
@@ -111,3 +118,142 @@ def test_many_writers_one_id_threads(tiny_dir, tmp_path):
         versions = [v for vs in pool.map(write, stores) for v in vs]
     assert sorted(versions) == list(range(1, 25))
     assert Store(tmp_path, shape).get("t", "x").version == 24
+
+
+# --- a reader racing another replica's writer, made deterministic ---------------------------
+# Each case stops a reader at one point of Store.read/Store.get and lets another replica (a
+# second Store on the same directory) replace or delete the adapter there, the way its put and
+# delete really do it. The reader must end with a complete, validated version (the one it
+# resolved or a newer one) or NotFound for a delete, never a validation error for a valid adapter.
+
+@pytest.fixture(scope="module")
+def shape(tiny_dir):
+    return Engine(tiny_dir, device="cpu", max_batch=1, max_seq_len=64, max_adapters=1).shape
+
+
+@pytest.fixture(scope="module")
+def uploads(shape):
+    """Three different adapters, so a test can tell which version a read returned."""
+    return [tuple(adapter_files(make(CASES[0], shape, seed=50 + i)).values()) for i in range(3)]
+
+
+def is_upload(ad, files):
+    return all(torch.equal(ad.tensors[k], t) for k, t in st_load(files[1]).items())
+
+
+def replace_twice(other, uploads):
+    """Two newer versions; publishing v3 removes v1 (versions below N-1 go)."""
+    other.put("t", "a", *uploads[1])
+    other.put("t", "a", *uploads[2])
+
+
+def replace_twice_cut_halfway(left):
+    """As replace_twice, with v1's removal seen halfway: rmtree has unlinked one of its files
+    and `left` is still there (another host's rmtree in progress, or one cut short)."""
+    def act(other, uploads):
+        gone = WEIGHTS_NAME if left == CONFIG_NAME else CONFIG_NAME
+        with mock.patch.object(server.store.shutil, "rmtree", lambda p, **kw: (Path(p) / gone).unlink()):
+            replace_twice(other, uploads)
+    return act
+
+
+def delete(other, uploads):
+    other.delete("t", "a")
+
+
+def run_once_before(monkeypatch, owner, name, act, when=lambda *a: True):
+    """Wrap owner.name so that act() runs once, just before the first call that `when` accepts."""
+    real, fired = getattr(owner, name), []
+
+    def hooked(*a, **kw):
+        if not fired and when(*a):
+            fired.append(a)
+            act()
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, hooked)
+
+
+def before_load(monkeypatch, act):
+    """After read resolved its version, before load_dir looks at it."""
+    run_once_before(monkeypatch, server.store, "load_dir", act)
+
+
+def before_weights_read(monkeypatch, act):
+    """After load_dir checked that both files exist, before it reads the weights."""
+    run_once_before(monkeypatch, Path, "read_bytes", act, when=lambda path: path.name == WEIGHTS_NAME)
+
+
+READ_RACES = [  # (what the other replica does, when, which upload the reader gets or the error)
+    ("replaced", replace_twice, before_load, 2),
+    ("replaced, v1 half removed (config left)", replace_twice_cut_halfway(CONFIG_NAME), before_load, 2),
+    ("replaced, v1 half removed (weights left)", replace_twice_cut_halfway(WEIGHTS_NAME), before_load, 2),
+    ("replaced while load_dir reads", replace_twice, before_weights_read, 2),
+    ("deleted", delete, before_load, NotFound),
+    ("deleted while load_dir reads", delete, before_weights_read, NotFound),
+]
+
+
+@pytest.mark.parametrize("act,when,want", [c[1:] for c in READ_RACES], ids=[c[0] for c in READ_RACES])
+def test_read_racing_another_replicas_writer(shape, uploads, tmp_path, monkeypatch, act, when, want):
+    reader, other = Store(tmp_path, shape), Store(tmp_path, shape)
+    e1, _ = reader.put("t", "a", *uploads[0])
+    when(monkeypatch, lambda: act(other, uploads))
+    if want is NotFound:
+        with pytest.raises(NotFound, match="deleted"):
+            reader.read(e1)
+    else:
+        assert is_upload(reader.read(e1), uploads[want])
+
+
+@pytest.mark.parametrize("left", [CONFIG_NAME, WEIGHTS_NAME])
+def test_get_never_takes_a_half_removed_version(shape, uploads, tmp_path, monkeypatch, left):
+    """get() parses the newest version it listed; if that one is being removed meanwhile, its
+    size (summed from the files still there) is wrong: it must take the newer version instead."""
+    reader, other = Store(tmp_path, shape), Store(tmp_path, shape)
+    other.put("t", "a", *uploads[0])
+    # v1's config has been read; its files are listed next
+    run_once_before(monkeypatch, server.store, "parse_config", lambda: replace_twice_cut_halfway(left)(other, uploads))
+    e = reader.get("t", "a")
+    assert (e.version, e.size_bytes) == (3, sum(map(len, uploads[2])))
+
+
+@pytest.mark.parametrize("damage,error", [
+    (lambda d: (d / WEIGHTS_NAME).unlink(), f"has no {WEIGHTS_NAME}"),
+    (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\0" * 16), "not a readable safetensors"),
+], ids=["weights missing", "weights garbage"])
+def test_read_of_an_invalid_current_version_is_its_error(shape, uploads, tmp_path, damage, error):
+    """Nothing is replacing it: the newest version is there and invalid, so read reports that
+    at once rather than retrying as if it were going away."""
+    store = Store(tmp_path, shape)
+    e, _ = store.put("t", "a", *uploads[0])
+    damage(tmp_path / "t" / "a" / "v1")
+    with pytest.raises(AdapterError, match=error):
+        store.read(e)
+
+
+def test_read_outpaced_by_uploads_gives_up_naming_the_adapter(shape, uploads, tmp_path, monkeypatch):
+    """Every version read is removed before it is loaded: a bounded number of tries, then an
+    error that names the adapter."""
+    reader, other = Store(tmp_path, shape), Store(tmp_path, shape)
+    e, _ = reader.put("t", "a", *uploads[0])
+    real, calls = server.store.load_dir, []
+
+    def hooked(path, *a, **kw):
+        calls.append(path)
+        replace_twice(other, uploads)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(server.store, "load_dir", hooked)
+    with pytest.raises(AdapterError, match="'a' is being replaced faster than it can be read"):
+        reader.read(e)
+    assert len(calls) == server.store.READ_TRIES
+
+
+def test_upload_racing_a_delete_is_refused_cleanly(shape, uploads, tmp_path, monkeypatch):
+    """A delete through another replica renames the adapter's directory away after the upload
+    made it and before it staged its files there: a clear refusal, not a 500, and no leftovers."""
+    writer, other = Store(tmp_path, shape), Store(tmp_path, shape)
+    writer.put("t", "a", *uploads[0])
+    run_once_before(monkeypatch, server.store, "stage_dir", lambda: other.delete("t", "a"))
+    with pytest.raises(AdapterError, match="'a' was deleted while this upload was written"):
+        writer.put("t", "a", *uploads[1])
+    assert os.listdir(tmp_path / "t") == []
