@@ -1,12 +1,15 @@
 """Decode-step cost of a mixed-adapter batch through the engine (a script, not a test).
 
     python -m engine.bench_adapters [--model PATH] [--steps 20] [--repeats 5] [--constrained] [--compile]
+                                    [--rows 16 --dtype bfloat16]
 
 8 rows, 8 different adapters of mixed types (LoRA, SoRA, prefix, QAA RX and RY) vs the same
 batch with no adapters, on the default model; best of --repeats alternating runs. With
 --constrained: the same mixed batch with every row under a different JSON schema (response_format
 json_schema) vs unconstrained, per decode step. With --compile: each of the two batches also
 through the compiled static step (engine.graph; compiled before timing), all four alternating.
+With --rows N: N rows instead, in turn LoRA r=8 and SoRA r=8 on q/v, a 30-token prefix and a
+default QAA (server.bench's mix, one adapter per row), in --dtype (default: the engine's auto).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ LONG_SCHEMAS = [
 ]
 
 
-def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, compile: bool = False):
+def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, compile: bool = False,
+                rows: int | None = None, dtype: str = "auto"):
     from adapters.base import Adapter
     from adapters.lora import LoraConfig
     from adapters.prefix import PrefixConfig
@@ -43,7 +47,8 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
     from engine.sampling import SamplingParams
     from engine.steps import decode, prefill
 
-    engine = Engine(model, device="cpu", max_batch=8, max_seq_len=256, max_adapters=8, compile=compile)
+    B = rows or 8
+    engine = Engine(model, device="cpu", dtype=dtype, max_batch=B, max_seq_len=256, max_adapters=B, compile=compile)
     configs = [("lora", LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
                ("lora", LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
                ("sora", SoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
@@ -52,6 +57,11 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
                ("prefix", PrefixConfig(num_virtual_tokens=10)),
                ("qaa", QAAConfig(circuit_layers=2, rotation="RX")),
                ("qaa", QAAConfig(circuit_layers=2, rotation="RY", placement=["mlp"]))]
+    if rows:
+        served = [("lora", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
+                  ("sora", SoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
+                  ("prefix", PrefixConfig(num_virtual_tokens=30)), ("qaa", QAAConfig(circuit_layers=2))]
+        configs = [served[i % len(served)] for i in range(rows)]
     g = torch.Generator().manual_seed(0)
     names = []
     for i, (kind, cfg) in enumerate(configs):
@@ -61,13 +71,14 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
         engine.load_adapter(f"a{i}", Adapter(kind, cfg, tensors, engine.shape))
         names.append(f"a{i}")
 
-    grammars = [engine.grammars.json(s) for s in LONG_SCHEMAS] if constrained else [None] * 8
+    grammars = [engine.grammars.json(s) for s in LONG_SCHEMAS] if constrained else [None] * B
 
-    def step_time(adapters, grammars=(None,) * 8, captured=False):
+    def step_time(adapters, grammars=(None,) * B, captured=False):
         run = (lambda seqs: engine.step(engine.model, engine.cache, [(s, 1) for s in seqs], engine.seams_for)) \
             if captured else (lambda seqs: decode(engine.model, engine.cache, seqs, engine.seams_for))
         sps = [SamplingParams(max_new_tokens=steps + 2, ignore_eos=True, grammar=g) for g in grammars]
-        seqs = [engine.new_sequence(engine.encode_prompt(p), sp, a) for p, a, sp in zip(PROMPTS, adapters, sps)]
+        prompts = (PROMPTS * B)[:B]
+        seqs = [engine.new_sequence(engine.encode_prompt(p), sp, a) for p, a, sp in zip(prompts, adapters, sps)]
         for s in seqs:
             engine.admit(s)
         prefill(engine.model, engine.cache, seqs, engine.seams_for)
@@ -86,22 +97,22 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
             base.append(step_time(names))
             mixed.append(step_time(names, grammars))
         else:
-            base.append(step_time([None] * 8))
+            base.append(step_time([None] * B))
             mixed.append(step_time(names))
             if compile:
-                c_base.append(step_time([None] * 8, captured=True))
+                c_base.append(step_time([None] * B, captured=True))
                 c_mixed.append(step_time(names, captured=True))
     b, m = min(base), min(mixed)
     if constrained:
         print(f"decode step, batch 8 (8 adapters), model={engine.name}: unconstrained_ms={b * 1e3:.1f} "
               f"8_json_schemas_ms={m * 1e3:.1f} overhead={m / b:.2f}x")
     else:
-        print(f"decode step, batch 8, model={engine.name}: no_adapters_ms={b * 1e3:.1f} "
-              f"mixed_8_adapters_ms={m * 1e3:.1f} overhead={m / b:.2f}x")
+        print(f"decode step, batch {B}, dtype={engine.dtype}, model={engine.name}: no_adapters_ms={b * 1e3:.1f} "
+              f"mixed_{B}_adapters_ms={m * 1e3:.1f} overhead={m / b:.2f}x base/mixed={b / m:.3f}")
     if c_base:
         cb, cm = min(c_base), min(c_mixed)
         print(f"compiled ({engine.graph.describe()}, fallbacks {engine.graph.fallbacks}): no_adapters_ms={cb * 1e3:.1f} "
-              f"mixed_8_adapters_ms={cm * 1e3:.1f} overhead={cm / cb:.2f}x; eager/compiled: no_adapters={b / cb:.2f}x "
+              f"mixed_{B}_adapters_ms={cm * 1e3:.1f} overhead={cm / cb:.2f}x; eager/compiled: no_adapters={b / cb:.2f}x "
               f"mixed={m / cm:.2f}x")
 
 
@@ -112,9 +123,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--constrained", action="store_true", help="JSON-schema rows vs free rows (see above)")
     ap.add_argument("--compile", action="store_true", help="also through the compiled step (see above)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of server.bench's adapter mix (see above)")
+    ap.add_argument("--dtype", default="auto", help="the engine's dtype (auto, float32, bfloat16)")
     args = ap.parse_args(argv)
+    if args.constrained and args.rows:
+        ap.error("--constrained uses its 8 schemas: leave --rows out")
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    bench_mixed(args.model, args.steps, args.repeats, args.constrained, args.compile)
+    bench_mixed(args.model, args.steps, args.repeats, args.constrained, args.compile, args.rows, args.dtype)
 
 
 if __name__ == "__main__":
