@@ -131,16 +131,17 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
 
 /* h: (B, T, d) contiguous, of type T_ (float or bf16); rows[i], slots[i]: the rows to adapt
  * and their slots; vectors v0 <= i * T + t < v1 of them are done (split over OpenMP threads
- * when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b]; masks:
+ * when there are many); phase: (S, 2, N) cos, sin; upb: (S, n + 1, d) = [W_up^T; b], fp32 or (with
+ * bf16 h, suffix _bf16_w16) bf16, read into fp32 (half the bytes of a step's coldest reads); masks:
  * (n,). The circuit, <Z> and the up-projection are fp32 whatever h's type (<Z> always is: see
  * DESIGN.md); h_v + W_up z + b is summed in fp32 and rounded once. The 4 N floats of scratch
  * live on the stack, which stays in cache between calls.
  * shots > 0: shot emulation (adapters/emulation.py `shot_z`): z is estimated from `shots`
  * outcomes drawn for vector iv from the stream (seed, counter, iv) (see cpu_shots.c); the
  * caller advances counter once per call, so each call and vector has a stream of its own. */
-#define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST)                                                           \
+#define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST, W_, LDW)                                                 \
     void qaa_rx_residual_##SUFFIX(T_ *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots, \
-                                  int64_t v0, int64_t v1, const float *phase, const float *upb, int64_t n, \
+                                  int64_t v0, int64_t v1, const float *phase, const W_ *upb, int64_t n, \
                                   const int64_t *masks, int64_t shots, int64_t seed, int64_t counter,    \
                                   int64_t threads) {                                                    \
         const int64_t N = (int64_t)1 << n;                                                              \
@@ -153,13 +154,13 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             rng_t g;                                                                                    \
             float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
             const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
-            const float *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
+            const W_ *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
             if (t == 0) { /* this row's circuit and [W_up | b], then the next row's (see prefetch) */   \
                 prefetch(cs, 2 * N * (int64_t)sizeof(float));                                           \
-                prefetch(w, (n + 1) * d * (int64_t)sizeof(float));                                      \
+                prefetch(w, (n + 1) * d * (int64_t)sizeof(W_));                                      \
                 if (i + 1 < (v1 + T - 1) / T) {                                                         \
                     prefetch(phase + slots[i + 1] * 2 * N, 2 * N * (int64_t)sizeof(float));             \
-                    prefetch(upb + slots[i + 1] * (n + 1) * d, (n + 1) * d * (int64_t)sizeof(float));   \
+                    prefetch(upb + slots[i + 1] * (n + 1) * d, (n + 1) * d * (int64_t)sizeof(W_));   \
                 }                                                                                       \
             }                                                                                           \
             T_ *hv = h + (rows[i] * T + t) * d;                                                         \
@@ -172,14 +173,15 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                          \
             for (int64_t k = 0; k < d; k++) acc[k] = LD(hv, k);                                         \
             for (int64_t q = 0; q < n; q++) {                                                           \
-                const float zq = z[q], *wq = w + q * d;                                                 \
-                for (int64_t k = 0; k < d; k++) acc[k] += zq * wq[k];                                   \
+                const float zq = z[q]; const W_ *wq = w + q * d;                                                 \
+                for (int64_t k = 0; k < d; k++) acc[k] += zq * LDW(wq, k);                                   \
             }                                                                                           \
-            for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + b[k]);                                   \
+            for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + LDW(b, k));                                   \
         }                                                                                               \
     }
-QAA_RX_RESIDUAL(f32, float, ld_f32, st_f32)
-QAA_RX_RESIDUAL(bf16, bf16, ld_bf16, st_bf16)
+QAA_RX_RESIDUAL(f32, float, ld_f32, st_f32, float, ld_f32)
+QAA_RX_RESIDUAL(bf16, bf16, ld_bf16, st_bf16, float, ld_f32)
+QAA_RX_RESIDUAL(bf16_w16, bf16, ld_bf16, st_bf16, bf16, ld_bf16)
 
 /* ---- LoRA (and SoRA, its gates folded into B) -----------------------------------------
  * For each listed row b = rows[i] with slot s = slots[i] and r = ranks[s] (0: the slot does

@@ -95,6 +95,7 @@ def library():
                 "qaa_multinomial": [ptr, i64, i64, i64, i64, i64, ptr, i64]}
     for sfx in SUFFIX.values():
         argtypes[f"qaa_rx_residual_{sfx}"] = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64]
+    argtypes["qaa_rx_residual_bf16_w16"] = argtypes["qaa_rx_residual_bf16"]
     for sfx in LORA_VARIANTS.values():
         argtypes[f"lora_delta_{sfx}"] = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
     for name, types in argtypes.items():
@@ -131,14 +132,15 @@ def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
 def qaa_rx_plan(rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor, upb: torch.Tensor, n: int, L: int,
                 dtype: torch.dtype):
     """`qaa_rx_` for one routing and module, bound once: plan(h, shots=0, seed=0, counter=0,
-    threads=None) adds into h (B, T, d) of `dtype`. Decode steps repeat their routing, so the banks keep a plan per module and pay
-    only for h's pointer and shape per call (the ctypes call dominates a small batch's cost).
-    None when the kernel cannot take `dtype` here."""
+    threads=None) adds into h (B, T, d) of `dtype`. Decode steps repeat their routing, so the
+    banks keep a plan per module and pay only for h's pointer and shape per call (the ctypes
+    call dominates a small batch's cost). None when the kernel cannot take `dtype` here."""
     assert phase.is_contiguous() and upb.is_contiguous() and rows.is_contiguous() and slots.is_contiguous()
-    assert phase.dtype == upb.dtype == torch.float32
+    assert phase.dtype == torch.float32 and upb.dtype in (torch.float32, dtype)
     if dtype not in SUFFIX or library() is None:
         return None
-    fn, m, R = getattr(library(), f"qaa_rx_residual_{SUFFIX[dtype]}"), masks(n, L), rows.numel()
+    name = f"qaa_rx_residual_{SUFFIX[dtype]}" + ("_w16" if upb.dtype == torch.bfloat16 else "")
+    fn, m, R = getattr(library(), name), masks(n, L), rows.numel()
     fixed = (rows.data_ptr(), slots.data_ptr(), 0)
     tail = (phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
     held = (rows, slots, phase, upb, m)  # the pointers above stay valid while the plan lives
@@ -157,8 +159,9 @@ def qaa_rx_(h: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, phase: tor
             threads: int | None = None) -> torch.Tensor:
     """In place: h[rows[i]] += W_up z + b with slot slots[i]'s RX circuit, for every i.
 
-    h (B, T, d) fp32 or bf16 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n) and upb
-    (S, n + 1, d) fp32 (the circuit and <Z> are fp32 whatever h's dtype).
+    h (B, T, d) fp32 or bf16 contiguous; rows, slots (R,) int64; phase (S, 2, 2^n) fp32 (the
+    circuit and <Z> are fp32 whatever h's dtype); upb (S, n + 1, d) fp32, or bf16 with bf16 h
+    (a weight, held in the model's dtype like LoRA's factors; read into fp32).
     shots > 0: z is the shot estimate of emulation.shot_z instead (same distribution: counts
     multinomial over the exact output distribution, every wire read from them), vector
     v = i * T + t drawing from the stream (seed, counter, v), whatever the thread count; the

@@ -161,7 +161,8 @@ class QAAType(AdapterType):
             raise AdapterError(f"circuit_layers {cfg.circuit_layers} exceeds this server's limit {cap.max_circuit_layers}")
 
     def make_bank(self, shape, max_slots, device, dtype, cap: Capacity):
-        return QAABank(shape, max_slots, device)
+        # [W_up | b] is a weight: bf16 in a bf16 model (the kernel reads it into fp32); fp32 otherwise
+        return QAABank(shape, max_slots, device, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
 
 def export_qnode(ad, layer: int, where: str, **options):
@@ -177,8 +178,10 @@ class QAABank:
 
     Per module (layer, where) and variant: the compiled circuit (RX: (S, 2, 2^n) cos/sin of
     the total phase; RY: Kronecker factors (S, L, 2^a, 2^a), (S, L, 2^b, 2^b)) and [W_up | b]
-    stacked as (S, n + 1, d), all fp32 (the circuit's precision does not follow the model's
-    dtype: <Z> and the up-projection are fp32, and a bf16/fp16 h gets h + delta rounded once).
+    stacked as (S, n + 1, d). The circuit is fp32 whatever the model's dtype; [W_up | b] is a
+    weight, held in bf16 in a bf16 model (like LoRA's factors: half the bytes of the step's
+    coldest reads) and fp32 otherwise. <Z> and the up-projection are computed in fp32, and a
+    bf16/fp16 h gets h + delta rounded once.
     Slot 0 stays empty.
 
     `residual(layer, where, h, route)` has the semantics of this reference loop:
@@ -202,8 +205,9 @@ class QAABank:
     every module and variant the bank holds; emulated slots are not served by it.
     """
 
-    def __init__(self, shape: BaseShape, max_slots: int, device):
+    def __init__(self, shape: BaseShape, max_slots: int, device, upb_dtype=torch.float32):
         self.shape, self.S, self.device = shape, max_slots, device
+        self.upb_dtype = upb_dtype
         self.n = n_qubits(shape.dim)
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
@@ -221,7 +225,8 @@ class QAABank:
             tensors = (*circuit, torch.cat([up.t(), b[None]]))  # upb: (n + 1, d)
             k = (layer, w, variant)
             if k not in self.mods:
-                self.mods[k] = [torch.zeros(self.S, *t.shape, device=self.device) for t in tensors]
+                self.mods[k] = [torch.zeros(self.S, *t.shape, device=self.device) for t in tensors[:-1]]  # the circuit: fp32
+                self.mods[k].append(torch.zeros(self.S, *tensors[-1].shape, device=self.device, dtype=self.upb_dtype))
                 self.layout += 1
                 prepare(self.n, self.shape.dim, *variant, self.device)
             for bank_t, t in zip(self.mods[k], tensors):
@@ -288,7 +293,7 @@ class QAABank:
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
             z1 = expectations(x, compiled, rotation, self.n, L, with_one=True)  # (B', T, n + 1): [Z, 1], fp32
-            new = torch.baddbmm(x.float(), z1, upb).to(h.dtype)  # x + Z W_up^T + b in fp32, one op, rounded once
+            new = torch.baddbmm(x.float(), z1, upb.float()).to(h.dtype)  # x + Z W_up^T + b in fp32, one op, rounded once
             h = new if rows is None else h.index_copy_(0, rows, new)
         return h
 
@@ -307,7 +312,7 @@ class QAABank:
             *circuit, upb = (t.index_select(0, slots) for t in tensors)  # (B, ...) per row
             compiled = circuit[0][:, None] if rotation == "RX" else tuple(c[:, None] for c in circuit)
             z1 = expectations(h, compiled, rotation, self.n, L, with_one=True)  # (B, T, n + 1): [Z, 1]
-            h = torch.baddbmm(h.float(), z1, upb).to(h.dtype)  # h + Z W_up^T + b in fp32, rounded once
+            h = torch.baddbmm(h.float(), z1, upb.float()).to(h.dtype)  # h + Z W_up^T + b in fp32, rounded once
         return h
 
     def _emulated(self, layer, where, h, variant, rows, sl, listed, slot):
@@ -326,7 +331,7 @@ class QAABank:
             z = shot_z(x, compiled, rotation, self.n, L, emu.shots, gen)
         else:
             z = noisy_z(x.float(), noisy[(layer, where)])
-        new = (x.float() + z @ upb[slot, : self.n] + upb[slot, self.n]).to(h.dtype)  # (B', T, d)
+        new = (x.float() + z @ upb[slot, : self.n].float() + upb[slot, self.n].float()).to(h.dtype)  # (B', T, d)
         return new if rows is None else h.index_copy_(0, rows, new)
 
     def _plan(self, layer, where, variant, listed, dtype):

@@ -61,7 +61,8 @@ def test_a_bf16_engine_keeps_each_part_in_its_dtype(bf16):
     banks = e.adapters.banks
     assert all(t.dtype == torch.bfloat16 for A, Bt in banks["lora"].mods.values() for t in (A, Bt))
     assert banks["prefix"].kv_bank.dtype == torch.bfloat16
-    assert all(t.dtype == torch.float32 for ts in banks["qaa"].mods.values() for t in ts)  # <Z> stays fp32
+    for *circuit, upb in banks["qaa"].mods.values():  # the circuit and <Z> stay fp32; [W_up | b] is a weight
+        assert all(c.dtype == torch.float32 for c in circuit) and upb.dtype == torch.bfloat16
     logits = e.model(torch.tensor([[5, 6, 7]]))
     assert logits.dtype == torch.float32  # what the sampler, logprobs, penalties and grammars see
     for case in CASES:
