@@ -1,10 +1,10 @@
 """The adapter store: a directory that survives restarts and crashes, and that several
 replicas on several hosts may share (NFS, a Kubernetes ReadWriteMany volume).
 
-Layout: ROOT/<tenant>/<adapter_id>/v<N>/{adapter_config.json, adapter_model.safetensors}.
-The current version of an adapter is its highest v<N>. A new version is written to a
-dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or a
-kill leaves either the old version or the new one visible, never half of one. Uploads are
+Layout: ROOT/<tenant>/<adapter_id>/v<N>/{adapter_config.json, adapter_model.safetensors,
+.upload_id}. The current version of an adapter is its highest v<N>. A new version is written
+to a dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or
+a kill leaves either the old version or the new one visible, never half of one. Uploads are
 validated in full before any byte is written.
 
 Writers on different hosts: version N belongs to whoever creates the claim file
@@ -13,7 +13,10 @@ owner renames a staged directory onto v<N>. Claims are never removed while the a
 exists, so no two writers can both own N, and a writer always claims above every version it
 saw: uploads of one adapter are totally ordered by N. After publishing v<N>, versions below
 N-1 are removed (the one before stays, so a replica that resolved it a moment ago can still
-read it). A delete renames the adapter's directory away in one step.
+read it). A delete renames the adapter's directory away in one step, claims included, so a
+re-upload of the id starts again at v1: a version is known by its number and its upload id, a
+random id written with its files (versions from before upload ids stand in their directory's
+inode and mtime), never by its number alone.
 
 Readers racing a writer: a version is removed only once a newer one is published (put prunes
 superseded versions; delete renames the whole adapter away), and rmtree takes a directory apart
@@ -34,6 +37,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -69,10 +73,12 @@ class Entry:
     created: float
     virtual_tokens: int = 0
     """Cache positions a prefix adapter takes before the prompt."""
+    upload: str = ""
+    """Which upload published this version number (see _upload_id)."""
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.tenant, self.adapter_id, self.version)
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.tenant, self.adapter_id, self.version, self.upload)
 
 
 STALE_TEMP_SECONDS = 3600.0
@@ -100,11 +106,31 @@ def _versions(adir: Path) -> tuple[list[int], int]:
     return sorted(published), claimed
 
 
-def _going_away(adir: Path, version: int) -> bool:
-    """Whether v<version> may be vanishing under a reader: it is gone, or a newer version is
-    published (only superseded versions are removed). False: it is the newest and stays."""
+UPLOAD_ID_NAME = ".upload_id"
+
+
+def _upload_id(vdir: Path) -> str:
+    """What tells this version directory from an earlier one of the same number (a delete
+    takes the claims along, so numbers start over). Versions written before upload ids have
+    none: their directory's inode and mtime stand in, unique while it exists."""
+    try:
+        return (vdir / UPLOAD_ID_NAME).read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        st = vdir.stat()  # FileNotFoundError: the version itself is gone
+        return f"dir-{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _going_away(adir: Path, version: int, upload: str) -> bool:
+    """Whether this upload's v<version> may be vanishing under a reader: it is gone, or a newer
+    version is published (only superseded versions are removed), or the number now belongs to
+    a re-upload after a delete. False: it is the newest and stays."""
     published, _ = _versions(adir)
-    return not published or published[-1] != version
+    if not published or published[-1] != version:
+        return True
+    try:
+        return _upload_id(adir / f"v{version}") != upload
+    except FileNotFoundError:
+        return True
 
 
 def _remove(tmp: Path | None) -> None:
@@ -158,19 +184,20 @@ class Store:
             if not versions:
                 return None
             v = versions[-1]
-            e = self._parsed.get((tenant, adapter_id, v))
-            if e is not None:
-                return e
             d = adir / f"v{v}"
             try:
+                upload = _upload_id(d)
+                e = self._parsed.get((tenant, adapter_id, v, upload))
+                if e is not None:
+                    return e
                 kind, cfg = parse_config((d / CONFIG_NAME).read_bytes())
-                size = sum(f.stat().st_size for f in d.iterdir())
+                size = sum(f.stat().st_size for f in d.iterdir() if f.name != UPLOAD_ID_NAME)
                 created = d.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if _going_away(adir, v):  # superseded meanwhile: the size may be of a half-removed v<N>
+            if _going_away(adir, v, upload):  # superseded meanwhile: the size may be of a half-removed v<N>
                 continue
-            e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg))
+            e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg), upload)
             with self._lock:
                 self._parsed[e.key] = e
             return e
@@ -231,12 +258,15 @@ class Store:
         with serial():
             for _ in range(READ_TRIES):
                 adir = self.root / e.tenant / e.adapter_id
+                vdir = adir / f"v{e.version}"
                 try:
-                    return load_dir(adir / f"v{e.version}", self.shape, self.capacity)
+                    ad = load_dir(vdir, self.shape, self.capacity)
+                    if _upload_id(vdir) == e.upload:  # checked after: the files read were this upload's
+                        return ad
                 except FileNotFoundError:  # a file went between load_dir's checks and its read
                     pass
                 except AdapterError:  # missing or incomplete: going away, or broken?
-                    if not _going_away(adir, e.version):
+                    if not _going_away(adir, e.version, e.upload):
                         raise  # there, the newest, and invalid: its own error
                 newer = self._refresh(e.tenant, e.adapter_id)  # removed by a newer upload or a delete
                 if newer is None:
@@ -256,9 +286,11 @@ class Store:
             ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
         adir = self.root / tenant / adapter_id
         adir.mkdir(parents=True, exist_ok=True)
+        upload = secrets.token_hex(16)
         tmp = None
         try:
-            tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
+            files = {CONFIG_NAME: config, WEIGHTS_NAME: weights, UPLOAD_ID_NAME: upload.encode()}
+            tmp = stage_dir(adir, files, ".upload-")
             version = self._publish(adir, tmp)
         except FileNotFoundError:  # a delete renamed adir away after the mkdir
             _remove(tmp)
@@ -267,7 +299,7 @@ class Store:
             _remove(tmp)
             raise
         e = Entry(tenant, adapter_id, version, ad.kind, len(config) + len(weights), time.time(),
-                  get_type(ad.kind).virtual_tokens(ad.config))
+                  get_type(ad.kind).virtual_tokens(ad.config), upload)
         with self._lock:
             self._parsed[e.key] = e
         for v in _versions(adir)[0]:  # older versions: running requests hold their own copy

@@ -257,3 +257,48 @@ def test_upload_racing_a_delete_is_refused_cleanly(shape, uploads, tmp_path, mon
     with pytest.raises(AdapterError, match="'a' was deleted while this upload was written"):
         writer.put("t", "a", *uploads[1])
     assert os.listdir(tmp_path / "t") == []
+
+
+# --- a delete takes the claims along, so a re-upload of the id starts again at v1 ----------
+
+@pytest.fixture(scope="module")
+def a_then_b(shape):
+    """Two adapters of different types and sizes, uploaded one after the other as one id."""
+    return [tuple(adapter_files(make(CASES[i], shape, seed=70 + i)).values()) for i in (0, 2)]
+
+
+def test_reupload_after_a_delete_is_never_taken_for_the_deleted_upload(shape, a_then_b, tmp_path):
+    """Store two parsed A's v1; A is deleted and B uploaded as the same id (v1 again) through
+    store one. Past the staleness bound (0 here) store two serves B: its kind, size and weights."""
+    a, b = a_then_b
+    one, two = Store(tmp_path, shape, refresh_seconds=0), Store(tmp_path, shape, refresh_seconds=0)
+    one.put("t", "x", *a)
+    old = two.get("t", "x")
+    assert [e.kind for e in two.list("t")] == [old.kind]
+    one.delete("t", "x")
+    new, _ = one.put("t", "x", *b)
+    assert new.version == old.version == 1 and new.kind != old.kind
+    e = two.get("t", "x")
+    assert (e.kind, e.size_bytes, e.key) == (new.kind, sum(map(len, b)), new.key) != (old.kind, old.size_bytes, old.key)
+    assert [x.kind for x in two.list("t")] == [new.kind]
+    assert is_upload(two.read(e), b)
+    assert is_upload(two.read(old), b)  # A's entry, held from before: A is gone, B is the newest
+
+
+def test_versions_written_without_an_upload_id_still_load(shape, a_then_b, tmp_path):
+    """A store written before upload ids existed: its versions load, and are still told apart
+    from a re-upload after a delete."""
+    a, b = a_then_b
+    vdir = tmp_path / "t" / "x" / "v1"
+    vdir.mkdir(parents=True)
+    (vdir / CONFIG_NAME).write_bytes(a[0])
+    (vdir / WEIGHTS_NAME).write_bytes(a[1])
+    (tmp_path / "t" / "x" / ".claim-v1").touch()
+    reader = Store(tmp_path, shape, refresh_seconds=0)
+    old = reader.get("t", "x")
+    assert (old.version, old.size_bytes) == (1, sum(map(len, a))) and is_upload(reader.read(old), a)
+    reader.delete("t", "x")
+    new, _ = Store(tmp_path, shape).put("t", "x", *b)
+    e = reader.get("t", "x")
+    assert (e.kind, e.key) == (new.kind, new.key) and is_upload(reader.read(e), b)
+
