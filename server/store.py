@@ -23,6 +23,9 @@ superseded versions; delete renames the whole adapter away), and rmtree takes a 
 file by file. So a version that is missing or incomplete while a newer one exists (or the
 adapter is gone) is going away, and the reader retries with the newest; one that is incomplete
 or invalid while it is still the newest is broken, and the reader gets its validation error.
+An adapter whose newest version's config does not parse (corrupt, or written by a newer server
+during a rolling upgrade) is left out of list() with one warning per version; get() and read()
+give its error, and delete() removes it all the same.
 
 Readers: each replica caches what it saw and re-reads an adapter's directory from disk when
 its cached view is older than `refresh_seconds` (and list() rescans the tree on the same
@@ -35,6 +38,7 @@ hour old: a fresh one may be another host's upload in progress.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import secrets
@@ -48,6 +52,8 @@ from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
 from adapters.threads import serial
+
+log = logging.getLogger("qaa_serve.store")
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -156,8 +162,9 @@ class Store:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], Entry] = {}
         self._checked: dict[tuple[str, str], float] = {}  # monotonic time of the last disk read
-        self._parsed: dict[tuple[str, str, int], Entry] = {}  # a published version never changes
+        self._parsed: dict[tuple[str, str, int, str], Entry] = {}  # a published version never changes
         self._listed: dict[str | None, float] = {}  # tenant (None: all) -> monotonic time of its last scan
+        self._warned: set[tuple] = set()  # invalid versions already logged: list() meets them on every scan
         self._sweep()
 
     def _sweep(self) -> None:
@@ -195,6 +202,11 @@ class Store:
                 created = d.stat().st_mtime
             except FileNotFoundError:
                 continue
+            except AdapterError as err:
+                if _going_away(adir, v, upload):
+                    continue
+                self._warn_invalid((tenant, adapter_id, v, upload), err)
+                raise
             if _going_away(adir, v, upload):  # superseded meanwhile: the size may be of a half-removed v<N>
                 continue
             e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg), upload)
@@ -202,6 +214,15 @@ class Store:
                 self._parsed[e.key] = e
             return e
         raise _outpaced(adapter_id)
+
+    def _warn_invalid(self, key: tuple, err: AdapterError) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        tenant, adapter_id, version, _ = key
+        log.warning("adapter %s/%s v%d is invalid here and left out of listings (delete or re-upload it): %s",
+                    tenant, adapter_id, version, err)
 
     def _refresh(self, tenant: str, adapter_id: str) -> Entry | None:
         e = self._entry_from_disk(tenant, adapter_id)
@@ -233,7 +254,11 @@ class Store:
             for n in names:
                 if not n.startswith("."):
                     seen.add((tdir.name, n))
-                    self._refresh(tdir.name, n)
+                    try:
+                        self._refresh(tdir.name, n)
+                    except AdapterError:  # one bad adapter must not take the listing down with it
+                        with self._lock:
+                            self._entries.pop((tdir.name, n), None)
         with self._lock:
             for key in [k for k in self._entries if (tenant is None or k[0] == tenant) and k not in seen]:
                 del self._entries[key]  # deleted through another replica
@@ -329,18 +354,25 @@ class Store:
             fsync_dir(adir)
             return version
 
-    def delete(self, tenant: str, adapter_id: str) -> Entry:
-        e = self.get(tenant, adapter_id)
+    def delete(self, tenant: str, adapter_id: str) -> None:
+        """Remove an adapter that has a published version, whether or not its content is valid
+        here (so a corrupt one, or one a newer server wrote, can be removed)."""
+        check_id("tenant", tenant)
+        check_id("adapter id", adapter_id)
         adir = self.root / tenant / adapter_id
         trash = adir.parent / f".deleted-{adapter_id}-{time.time_ns()}"
         try:
+            if not _versions(adir)[0]:
+                raise FileNotFoundError  # nothing published: an upload in progress is not an adapter yet
             os.rename(adir, trash)  # one step: gone from view even if the rmtree is cut short
         except FileNotFoundError:
-            self._refresh(tenant, adapter_id)
+            self._forget(tenant, adapter_id)
             raise NotFound(adapter_id) from None
         fsync_dir(adir.parent)
+        self._forget(tenant, adapter_id)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _forget(self, tenant: str, adapter_id: str) -> None:
         with self._lock:
             self._entries.pop((tenant, adapter_id), None)
             self._checked[(tenant, adapter_id)] = time.monotonic()
-        shutil.rmtree(trash, ignore_errors=True)
-        return e

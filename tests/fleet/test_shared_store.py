@@ -2,6 +2,7 @@
 directory, and the store's own claim protocol under concurrent writers."""
 
 import concurrent.futures as cf
+import json
 import os
 import threading
 import time
@@ -302,3 +303,58 @@ def test_versions_written_without_an_upload_id_still_load(shape, a_then_b, tmp_p
     e = reader.get("t", "x")
     assert (e.kind, e.key) == (new.kind, new.key) and is_upload(reader.read(e), b)
 
+
+# --- one adapter whose current config does not parse (a newer server's type, corruption) -----
+
+def retype(peft_type):
+    def damage(cfg: bytes) -> bytes:
+        return json.dumps({**json.loads(cfg), "peft_type": peft_type}).encode()
+    return damage
+
+
+BAD_CONFIGS = [  # (what is wrong, how the config is damaged, the error get gives)
+    ("a newer server's type", retype("FROM_THE_FUTURE"), "FROM_THE_FUTURE"),
+    ("truncated", lambda cfg: cfg[: len(cfg) // 2], "not valid JSON"),
+    ("not an object", lambda cfg: b"[]", "must be a JSON object"),
+]
+
+
+def break_config(root: Path, adapter_id: str, version: int, damage) -> None:
+    path = root / "t" / adapter_id / f"v{version}" / CONFIG_NAME
+    path.write_bytes(damage(path.read_bytes()))
+
+
+@pytest.mark.parametrize("damage,error", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_listing_leaves_out_an_adapter_with_an_invalid_config(shape, uploads, tmp_path, caplog, damage, error):
+    writer, reader = Store(tmp_path, shape), Store(tmp_path, shape, refresh_seconds=0)
+    writer.put("t", "good", *uploads[0])
+    held, _ = writer.put("t", "bad", *uploads[1])
+    break_config(tmp_path, "bad", 1, damage)
+    for _ in range(3):
+        assert [e.adapter_id for e in reader.list("t")] == ["good"]
+        assert [e.adapter_id for e in reader.list()] == ["good"]
+    with pytest.raises(AdapterError, match=error):
+        reader.get("t", "bad")
+    with pytest.raises(AdapterError, match=error):
+        reader.read(held)
+    warned = [r for r in caplog.records if "t/bad" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once for this version, not per call
+    writer.put("t", "bad", *uploads[2])  # fixed by a new upload: listed again
+    assert [e.adapter_id for e in reader.list("t")] == ["bad", "good"]
+    writer.put("t", "bad", *uploads[0])
+    break_config(tmp_path, "bad", 3, damage)  # a new broken version is a new warning
+    assert [e.adapter_id for e in reader.list("t")] == ["good"]
+    assert len([r for r in caplog.records if "t/bad" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("damage", [c[1] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_an_adapter_with_an_invalid_config_can_be_deleted(shape, uploads, tmp_path, damage):
+    writer, other = Store(tmp_path, shape), Store(tmp_path, shape, refresh_seconds=0)
+    writer.put("t", "bad", *uploads[0])
+    break_config(tmp_path, "bad", 1, damage)
+    other.delete("t", "bad")
+    assert os.listdir(tmp_path / "t") == []
+    with pytest.raises(NotFound):
+        other.get("t", "bad")
+    with pytest.raises(NotFound):
+        other.delete("t", "bad")
