@@ -131,16 +131,28 @@ def _principal(state: ServerState, request: Request) -> Principal:
 BASE_ALIASES = ("tgi", "dummy")
 
 
-def resolve_adapter(state: ServerState, p: Principal, adapter_id: str | None):
-    """None for the base model; else the caller's stored adapter (404 if it has none)."""
+def adapter_ref(state: ServerState, p: Principal, adapter_id: str | None) -> tuple[str, str] | None:
+    """None for the base model; else (tenant, adapter id) of the caller's adapter of that name,
+    whether or not it exists (404 for a name that cannot be one)."""
     if adapter_id in (None, "", state.model_name, *BASE_ALIASES):
         return None
     tenant, aid = p.tenant, adapter_id
     if p.admin and "/" in adapter_id:
         tenant, aid = adapter_id.split("/", 1)
     try:
-        check_id("adapter id", aid)
-        return state.store.get(tenant, aid)
+        return check_id("tenant", tenant), check_id("adapter id", aid)
+    except AdapterError:
+        raise HTTPError(404, f"adapter {adapter_id!r} not found", "not_found") from None
+
+
+def resolve_adapter(state: ServerState, p: Principal, adapter_id: str | None):
+    """None for the base model; else the caller's stored adapter (404 if it has none, or if
+    it does not load: the store logs why)."""
+    ref = adapter_ref(state, p, adapter_id)
+    if ref is None:
+        return None
+    try:
+        return state.store.get(*ref)
     except (NotFound, AdapterError):
         raise HTTPError(404, f"adapter {adapter_id!r} not found", "not_found") from None
 

@@ -110,7 +110,7 @@ class EngineReplica:
         held = loop.create_future()
         # read on the scheduler's thread, the only one that changes the residency
         self.s.scheduler.post(lambda: loop.call_soon_threadsafe(
-            held.set_result, sorted({f"{t}/{a}" for t, a, _ in self.s.residency.host})))
+            held.set_result, sorted({f"{t}/{a}" for t, a, *_ in self.s.residency.host})))
         return self.name, counts, await asyncio.wait_for(held, 30)
 
     def check_health(self):

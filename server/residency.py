@@ -5,7 +5,9 @@ that a request whose adapter is being read waits in the queue without holding up
 Load before evict: an adapter leaves the device only to make room for one that is ready to
 go in. An adapter that a running request uses is pinned and never evicted. Each stored
 version is its own entry, so requests running on an old version finish on it after a
-replacement while new requests get the new one.
+replacement while new requests get the new one. Entries are keyed by Entry.key, which holds
+the version's upload id: after a delete through another replica a re-upload starts again at
+v1, and this replica is never told, so the number alone would serve the deleted weights.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from engine.adapter_slots import Handle
 from server.store import Entry, Store
 
 
-def slot_name(key: tuple[str, str, int]) -> str:
-    tenant, adapter_id, version = key
-    return f"{tenant}/{adapter_id}@v{version}"
+def slot_name(key: tuple[str, str, int, str]) -> str:
+    tenant, adapter_id, version, upload = key
+    # the upload id too: loading a name that is there replaces it (engine.adapter_slots)
+    return f"{tenant}/{adapter_id}@v{version}" + (f"#{upload}" if upload else "")
 
 
 class Residency:

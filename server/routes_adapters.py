@@ -30,7 +30,7 @@ class UnloadLora(Body):
 
 
 def register_adapter_routes(app: FastAPI, state) -> None:
-    from server.app import HTTPError, _principal, resolve_adapter
+    from server.app import HTTPError, _principal, adapter_ref, resolve_adapter
 
     def info(e) -> dict:
         return {"id": e.adapter_id, "tenant": e.tenant, "type": e.kind, "version": e.version,
@@ -158,13 +158,15 @@ def register_adapter_routes(app: FastAPI, state) -> None:
     @app.delete("/v1/adapters/{adapter_id:path}")
     async def delete_adapter(adapter_id: str, request: Request):
         p = _principal(state, request)
-        e = resolve_adapter(state, p, adapter_id)
+        ref = adapter_ref(state, p, adapter_id)  # not resolve_adapter: an adapter that does not load can go too
         try:
-            await run_in_threadpool(state.store.delete, e.tenant, e.adapter_id)
+            if ref is None:
+                raise NotFound(adapter_id)
+            await run_in_threadpool(state.store.delete, *ref)
         except NotFound:
             raise HTTPError(404, f"adapter {adapter_id!r} not found", "not_found") from None
-        state.scheduler.post(lambda: state.residency.forget(e.tenant, e.adapter_id))
-        return {"id": e.adapter_id, "deleted": True}
+        state.scheduler.post(lambda: state.residency.forget(*ref))
+        return {"id": ref[1], "deleted": True}
 
     def model_card(p, e=None) -> dict:
         if e is None:

@@ -1,10 +1,10 @@
 """The adapter store: a directory that survives restarts and crashes, and that several
 replicas on several hosts may share (NFS, a Kubernetes ReadWriteMany volume).
 
-Layout: ROOT/<tenant>/<adapter_id>/v<N>/{adapter_config.json, adapter_model.safetensors}.
-The current version of an adapter is its highest v<N>. A new version is written to a
-dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or a
-kill leaves either the old version or the new one visible, never half of one. Uploads are
+Layout: ROOT/<tenant>/<adapter_id>/v<N>/{adapter_config.json, adapter_model.safetensors,
+.upload_id}. The current version of an adapter is its highest v<N>. A new version is written
+to a dot-prefixed temp directory, fsynced, and renamed into place in one step, so a crash or
+a kill leaves either the old version or the new one visible, never half of one. Uploads are
 validated in full before any byte is written.
 
 Writers on different hosts: version N belongs to whoever creates the claim file
@@ -13,13 +13,19 @@ owner renames a staged directory onto v<N>. Claims are never removed while the a
 exists, so no two writers can both own N, and a writer always claims above every version it
 saw: uploads of one adapter are totally ordered by N. After publishing v<N>, versions below
 N-1 are removed (the one before stays, so a replica that resolved it a moment ago can still
-read it). A delete renames the adapter's directory away in one step.
+read it). A delete renames the adapter's directory away in one step, claims included, so a
+re-upload of the id starts again at v1: a version is known by its number and its upload id, a
+random id written with its files (versions from before upload ids stand in their directory's
+inode and mtime), never by its number alone.
 
 Readers racing a writer: a version is removed only once a newer one is published (put prunes
 superseded versions; delete renames the whole adapter away), and rmtree takes a directory apart
 file by file. So a version that is missing or incomplete while a newer one exists (or the
 adapter is gone) is going away, and the reader retries with the newest; one that is incomplete
 or invalid while it is still the newest is broken, and the reader gets its validation error.
+An adapter whose newest version's config does not parse (corrupt, or written by a newer server
+during a rolling upgrade) is left out of list() with one warning per version; get() and read()
+give its error, and delete() removes it all the same.
 
 Readers: each replica caches what it saw and re-reads an adapter's directory from disk when
 its cached view is older than `refresh_seconds` (and list() rescans the tree on the same
@@ -32,8 +38,10 @@ hour old: a fresh one may be another host's upload in progress.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -44,6 +52,8 @@ from adapters.base import Adapter, AdapterError, BaseShape, Capacity
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, fsync_dir, load_bytes, load_dir, parse_config, stage_dir
 from adapters.registry import get_type
 from adapters.threads import serial
+
+log = logging.getLogger("qaa_serve.store")
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -69,10 +79,12 @@ class Entry:
     created: float
     virtual_tokens: int = 0
     """Cache positions a prefix adapter takes before the prompt."""
+    upload: str = ""
+    """Which upload published this version number (see _upload_id)."""
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.tenant, self.adapter_id, self.version)
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.tenant, self.adapter_id, self.version, self.upload)
 
 
 STALE_TEMP_SECONDS = 3600.0
@@ -100,11 +112,31 @@ def _versions(adir: Path) -> tuple[list[int], int]:
     return sorted(published), claimed
 
 
-def _going_away(adir: Path, version: int) -> bool:
-    """Whether v<version> may be vanishing under a reader: it is gone, or a newer version is
-    published (only superseded versions are removed). False: it is the newest and stays."""
+UPLOAD_ID_NAME = ".upload_id"
+
+
+def _upload_id(vdir: Path) -> str:
+    """What tells this version directory from an earlier one of the same number (a delete
+    takes the claims along, so numbers start over). Versions written before upload ids have
+    none: their directory's inode and mtime stand in, unique while it exists."""
+    try:
+        return (vdir / UPLOAD_ID_NAME).read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        st = vdir.stat()  # FileNotFoundError: the version itself is gone
+        return f"dir-{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _going_away(adir: Path, version: int, upload: str) -> bool:
+    """Whether this upload's v<version> may be vanishing under a reader: it is gone, or a newer
+    version is published (only superseded versions are removed), or the number now belongs to
+    a re-upload after a delete. False: it is the newest and stays."""
     published, _ = _versions(adir)
-    return not published or published[-1] != version
+    if not published or published[-1] != version:
+        return True
+    try:
+        return _upload_id(adir / f"v{version}") != upload
+    except FileNotFoundError:
+        return True
 
 
 def _remove(tmp: Path | None) -> None:
@@ -130,8 +162,9 @@ class Store:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], Entry] = {}
         self._checked: dict[tuple[str, str], float] = {}  # monotonic time of the last disk read
-        self._parsed: dict[tuple[str, str, int], Entry] = {}  # a published version never changes
+        self._parsed: dict[tuple[str, str, int, str], Entry] = {}  # a published version never changes
         self._listed: dict[str | None, float] = {}  # tenant (None: all) -> monotonic time of its last scan
+        self._warned: set[tuple] = set()  # invalid versions already logged: list() meets them on every scan
         self._sweep()
 
     def _sweep(self) -> None:
@@ -158,23 +191,38 @@ class Store:
             if not versions:
                 return None
             v = versions[-1]
-            e = self._parsed.get((tenant, adapter_id, v))
-            if e is not None:
-                return e
             d = adir / f"v{v}"
             try:
+                upload = _upload_id(d)
+                e = self._parsed.get((tenant, adapter_id, v, upload))
+                if e is not None:
+                    return e
                 kind, cfg = parse_config((d / CONFIG_NAME).read_bytes())
-                size = sum(f.stat().st_size for f in d.iterdir())
+                size = sum(f.stat().st_size for f in d.iterdir() if f.name != UPLOAD_ID_NAME)
                 created = d.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if _going_away(adir, v):  # superseded meanwhile: the size may be of a half-removed v<N>
+            except AdapterError as err:
+                if _going_away(adir, v, upload):
+                    continue
+                self._warn_invalid((tenant, adapter_id, v, upload), err)
+                raise
+            if _going_away(adir, v, upload):  # superseded meanwhile: the size may be of a half-removed v<N>
                 continue
-            e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg))
+            e = Entry(tenant, adapter_id, v, kind, size, created, get_type(kind).virtual_tokens(cfg), upload)
             with self._lock:
                 self._parsed[e.key] = e
             return e
         raise _outpaced(adapter_id)
+
+    def _warn_invalid(self, key: tuple, err: AdapterError) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        tenant, adapter_id, version, _ = key
+        log.warning("adapter %s/%s v%d is invalid here and left out of listings (delete or re-upload it): %s",
+                    tenant, adapter_id, version, err)
 
     def _refresh(self, tenant: str, adapter_id: str) -> Entry | None:
         e = self._entry_from_disk(tenant, adapter_id)
@@ -206,7 +254,11 @@ class Store:
             for n in names:
                 if not n.startswith("."):
                     seen.add((tdir.name, n))
-                    self._refresh(tdir.name, n)
+                    try:
+                        self._refresh(tdir.name, n)
+                    except AdapterError:  # one bad adapter must not take the listing down with it
+                        with self._lock:
+                            self._entries.pop((tdir.name, n), None)
         with self._lock:
             for key in [k for k in self._entries if (tenant is None or k[0] == tenant) and k not in seen]:
                 del self._entries[key]  # deleted through another replica
@@ -231,12 +283,15 @@ class Store:
         with serial():
             for _ in range(READ_TRIES):
                 adir = self.root / e.tenant / e.adapter_id
+                vdir = adir / f"v{e.version}"
                 try:
-                    return load_dir(adir / f"v{e.version}", self.shape, self.capacity)
+                    ad = load_dir(vdir, self.shape, self.capacity)
+                    if _upload_id(vdir) == e.upload:  # checked after: the files read were this upload's
+                        return ad
                 except FileNotFoundError:  # a file went between load_dir's checks and its read
                     pass
                 except AdapterError:  # missing or incomplete: going away, or broken?
-                    if not _going_away(adir, e.version):
+                    if not _going_away(adir, e.version, e.upload):
                         raise  # there, the newest, and invalid: its own error
                 newer = self._refresh(e.tenant, e.adapter_id)  # removed by a newer upload or a delete
                 if newer is None:
@@ -256,9 +311,11 @@ class Store:
             ad = load_bytes(config, weights, self.shape, self.capacity)  # raises before anything touches the disk
         adir = self.root / tenant / adapter_id
         adir.mkdir(parents=True, exist_ok=True)
+        upload = secrets.token_hex(16)
         tmp = None
         try:
-            tmp = stage_dir(adir, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, ".upload-")
+            files = {CONFIG_NAME: config, WEIGHTS_NAME: weights, UPLOAD_ID_NAME: upload.encode()}
+            tmp = stage_dir(adir, files, ".upload-")
             version = self._publish(adir, tmp)
         except FileNotFoundError:  # a delete renamed adir away after the mkdir
             _remove(tmp)
@@ -267,7 +324,7 @@ class Store:
             _remove(tmp)
             raise
         e = Entry(tenant, adapter_id, version, ad.kind, len(config) + len(weights), time.time(),
-                  get_type(ad.kind).virtual_tokens(ad.config))
+                  get_type(ad.kind).virtual_tokens(ad.config), upload)
         with self._lock:
             self._parsed[e.key] = e
         for v in _versions(adir)[0]:  # older versions: running requests hold their own copy
@@ -297,18 +354,25 @@ class Store:
             fsync_dir(adir)
             return version
 
-    def delete(self, tenant: str, adapter_id: str) -> Entry:
-        e = self.get(tenant, adapter_id)
+    def delete(self, tenant: str, adapter_id: str) -> None:
+        """Remove an adapter that has a published version, whether or not its content is valid
+        here (so a corrupt one, or one a newer server wrote, can be removed)."""
+        check_id("tenant", tenant)
+        check_id("adapter id", adapter_id)
         adir = self.root / tenant / adapter_id
         trash = adir.parent / f".deleted-{adapter_id}-{time.time_ns()}"
         try:
+            if not _versions(adir)[0]:
+                raise FileNotFoundError  # nothing published: an upload in progress is not an adapter yet
             os.rename(adir, trash)  # one step: gone from view even if the rmtree is cut short
         except FileNotFoundError:
-            self._refresh(tenant, adapter_id)
+            self._forget(tenant, adapter_id)
             raise NotFound(adapter_id) from None
         fsync_dir(adir.parent)
+        self._forget(tenant, adapter_id)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _forget(self, tenant: str, adapter_id: str) -> None:
         with self._lock:
             self._entries.pop((tenant, adapter_id), None)
             self._checked[(tenant, adapter_id)] = time.monotonic()
-        shutil.rmtree(trash, ignore_errors=True)
-        return e

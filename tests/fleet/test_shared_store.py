@@ -2,6 +2,7 @@
 directory, and the store's own claim protocol under concurrent writers."""
 
 import concurrent.futures as cf
+import json
 import os
 import threading
 import time
@@ -257,3 +258,103 @@ def test_upload_racing_a_delete_is_refused_cleanly(shape, uploads, tmp_path, mon
     with pytest.raises(AdapterError, match="'a' was deleted while this upload was written"):
         writer.put("t", "a", *uploads[1])
     assert os.listdir(tmp_path / "t") == []
+
+
+# --- a delete takes the claims along, so a re-upload of the id starts again at v1 ----------
+
+@pytest.fixture(scope="module")
+def a_then_b(shape):
+    """Two adapters of different types and sizes, uploaded one after the other as one id."""
+    return [tuple(adapter_files(make(CASES[i], shape, seed=70 + i)).values()) for i in (0, 2)]
+
+
+def test_reupload_after_a_delete_is_never_taken_for_the_deleted_upload(shape, a_then_b, tmp_path):
+    """Store two parsed A's v1; A is deleted and B uploaded as the same id (v1 again) through
+    store one. Past the staleness bound (0 here) store two serves B: its kind, size and weights."""
+    a, b = a_then_b
+    one, two = Store(tmp_path, shape, refresh_seconds=0), Store(tmp_path, shape, refresh_seconds=0)
+    one.put("t", "x", *a)
+    old = two.get("t", "x")
+    assert [e.kind for e in two.list("t")] == [old.kind]
+    one.delete("t", "x")
+    new, _ = one.put("t", "x", *b)
+    assert new.version == old.version == 1 and new.kind != old.kind
+    e = two.get("t", "x")
+    assert (e.kind, e.size_bytes, e.key) == (new.kind, sum(map(len, b)), new.key) != (old.kind, old.size_bytes, old.key)
+    assert [x.kind for x in two.list("t")] == [new.kind]
+    assert is_upload(two.read(e), b)
+    assert is_upload(two.read(old), b)  # A's entry, held from before: A is gone, B is the newest
+
+
+def test_versions_written_without_an_upload_id_still_load(shape, a_then_b, tmp_path):
+    """A store written before upload ids existed: its versions load, and are still told apart
+    from a re-upload after a delete."""
+    a, b = a_then_b
+    vdir = tmp_path / "t" / "x" / "v1"
+    vdir.mkdir(parents=True)
+    (vdir / CONFIG_NAME).write_bytes(a[0])
+    (vdir / WEIGHTS_NAME).write_bytes(a[1])
+    (tmp_path / "t" / "x" / ".claim-v1").touch()
+    reader = Store(tmp_path, shape, refresh_seconds=0)
+    old = reader.get("t", "x")
+    assert (old.version, old.size_bytes) == (1, sum(map(len, a))) and is_upload(reader.read(old), a)
+    reader.delete("t", "x")
+    new, _ = Store(tmp_path, shape).put("t", "x", *b)
+    e = reader.get("t", "x")
+    assert (e.kind, e.key) == (new.kind, new.key) and is_upload(reader.read(e), b)
+
+
+# --- one adapter whose current config does not parse (a newer server's type, corruption) -----
+
+def retype(peft_type):
+    def damage(cfg: bytes) -> bytes:
+        return json.dumps({**json.loads(cfg), "peft_type": peft_type}).encode()
+    return damage
+
+
+BAD_CONFIGS = [  # (what is wrong, how the config is damaged, the error get gives)
+    ("a newer server's type", retype("FROM_THE_FUTURE"), "FROM_THE_FUTURE"),
+    ("truncated", lambda cfg: cfg[: len(cfg) // 2], "not valid JSON"),
+    ("not an object", lambda cfg: b"[]", "must be a JSON object"),
+]
+
+
+def break_config(root: Path, adapter_id: str, version: int, damage) -> None:
+    path = root / "t" / adapter_id / f"v{version}" / CONFIG_NAME
+    path.write_bytes(damage(path.read_bytes()))
+
+
+@pytest.mark.parametrize("damage,error", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_listing_leaves_out_an_adapter_with_an_invalid_config(shape, uploads, tmp_path, caplog, damage, error):
+    writer, reader = Store(tmp_path, shape), Store(tmp_path, shape, refresh_seconds=0)
+    writer.put("t", "good", *uploads[0])
+    held, _ = writer.put("t", "bad", *uploads[1])
+    break_config(tmp_path, "bad", 1, damage)
+    for _ in range(3):
+        assert [e.adapter_id for e in reader.list("t")] == ["good"]
+        assert [e.adapter_id for e in reader.list()] == ["good"]
+    with pytest.raises(AdapterError, match=error):
+        reader.get("t", "bad")
+    with pytest.raises(AdapterError, match=error):
+        reader.read(held)
+    warned = [r for r in caplog.records if "t/bad" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once for this version, not per call
+    writer.put("t", "bad", *uploads[2])  # fixed by a new upload: listed again
+    assert [e.adapter_id for e in reader.list("t")] == ["bad", "good"]
+    writer.put("t", "bad", *uploads[0])
+    break_config(tmp_path, "bad", 3, damage)  # a new broken version is a new warning
+    assert [e.adapter_id for e in reader.list("t")] == ["good"]
+    assert len([r for r in caplog.records if "t/bad" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("damage", [c[1] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_an_adapter_with_an_invalid_config_can_be_deleted(shape, uploads, tmp_path, damage):
+    writer, other = Store(tmp_path, shape), Store(tmp_path, shape, refresh_seconds=0)
+    writer.put("t", "bad", *uploads[0])
+    break_config(tmp_path, "bad", 1, damage)
+    other.delete("t", "bad")
+    assert os.listdir(tmp_path / "t") == []
+    with pytest.raises(NotFound):
+        other.get("t", "bad")
+    with pytest.raises(NotFound):
+        other.delete("t", "bad")

@@ -243,3 +243,29 @@ def test_metrics_parse_and_count(srv):
         assert expected in names
     # label values never carry adapter ids: cardinality stays bounded
     assert not any("mix-" in k or "life" in k for k in after)
+
+
+def test_an_adapter_with_an_invalid_config_is_left_out_of_the_listing_and_can_be_deleted(srv):
+    """Its current version's config does not parse here (written by a newer server during a
+    rolling upgrade): the listing still answers with the others, the adapter itself is 404,
+    and DELETE removes it."""
+    files = adapter_files(make(CASES[0], srv.state.engine.shape, seed=5))
+    for name in ("fine", "broken"):
+        assert upload(srv.url, name, files).status_code == 201
+    adir = srv.state.store.root / "default" / "broken"
+    (adir / ".claim-v2").touch()  # v2 as a newer server sharing the store would write it
+    (adir / ".v2").mkdir()
+    (adir / ".v2" / "adapter_config.json").write_text(json.dumps({"peft_type": "FROM_THE_FUTURE"}))
+    (adir / ".v2" / "adapter_model.safetensors").write_bytes(files["adapter_model.safetensors"])
+    (adir / ".v2").rename(adir / "v2")
+    time.sleep(1.05)  # the listing's staleness bound: Store.refresh_seconds, 1 s by default
+    for path in ("/v1/adapters", "/v1/models"):
+        r = httpx.get(srv.url + path)
+        assert r.status_code == 200 and "fine" in [a["id"] for a in r.json()["data"]], r.text
+        assert "broken" not in [a["id"] for a in r.json()["data"]]
+    assert httpx.get(srv.url + "/v1/adapters/broken").status_code == 404
+    assert generate(srv.url, "hi", adapter_id="broken").status_code == 404
+    assert httpx.delete(srv.url + "/v1/adapters/broken").status_code == 200
+    assert not adir.exists()
+    assert httpx.delete(srv.url + "/v1/adapters/broken").status_code == 404
+    assert httpx.delete(srv.url + "/v1/adapters/fine").status_code == 200
