@@ -123,7 +123,7 @@ def usable(*tensors: torch.Tensor, dtypes=tuple(SUFFIX)) -> bool:
     """The serving kernels take CPU tensors of one dtype among `dtypes` (fp32 or bf16; training's
     rx_z: fp32 only) whose last dim is contiguous."""
     dtype = tensors[0].dtype
-    for t in tensors:  # a loop, not all(genexpr): this runs twice per adapted module per step
+    for t in tensors:
         if t.dtype != dtype or t.stride(-1) != 1 or t.device.type != "cpu":
             return False
     return dtype in dtypes and library() is not None

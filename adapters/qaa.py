@@ -22,8 +22,6 @@ from adapters.emulation import Emulation, make_emulation, noisy_observables, noi
 from adapters.registry import AdapterType, register
 
 PLACES = ("attn", "mlp")
-PLANS_KEPT = 1024
-"""Bound kernel calls a QAA bank keeps (a few routings' worth of modules)."""
 GRADIENTS = ("autograd", "parameter-shift")
 
 
@@ -212,7 +210,6 @@ class QAABank:
         self.mods: dict[tuple, list[torch.Tensor]] = {}  # (layer, where, variant) -> [c0, (c1,) upb]
         self.owned: dict[int, tuple] = {}  # slot -> (variant, modules)
         self.gathered: dict = {}  # (layer, where, variant) -> (slots of the rows, per-row tensors)
-        self.plans: dict = {}  # (module, routing entry, dtype) -> (its listed rows, the bound kernel)
         self.emulated: dict[int, tuple] = {}  # slot -> (Emulation, generator, {(layer, where): noisy obs})
         self.calls: dict[int, int] = {}  # emulated slot -> fused-kernel calls since its load (its stream's counter)
         self.layout = 0  # bumped when a (module, variant) is added (a captured step's shapes)
@@ -239,7 +236,6 @@ class QAABank:
 
     def clear(self, slot: int) -> None:
         self.gathered.clear()
-        self.plans.clear()
         variant, mods = self.owned.pop(slot, (None, ()))
         self.emulated.pop(slot, None)
         self.calls.pop(slot, None)
@@ -248,10 +244,11 @@ class QAABank:
                 t[slot].zero_()
 
     def route(self, slots: torch.Tensor):
-        """Per forward: {(layer, where): [(variant, rows, slot_ids, listed, emulated)]} for the
-        rows that use QAA; rows is None when every row does; listed = (rows, slots) as CPU int64
-        tensors for the fused kernel; emulated is the one emulated slot of the entry, or 0.
-        Modules used by the same slots share one entry."""
+        """Per forward: {(layer, where): [(variant, rows, slot_ids, listed, emulated, plans)]}
+        for the rows that use QAA; rows is None when every row does; listed = (rows, slots) as
+        CPU int64 tensors for the fused kernel; emulated is the one emulated slot of the entry,
+        or 0; plans holds the fused kernel bound to the entry per module (see _plan). Modules
+        used by the same slots share one entry."""
         by_slot: dict[int, list[int]] = {}
         for b, s in enumerate(slots.tolist()):
             if s:
@@ -270,7 +267,7 @@ class QAABank:
                 sl = tuple(s for s in ss for _ in by_slot[s])
                 rows_t = None if rows == list(range(len(slots))) else torch.tensor(rows, device=slots.device)
                 listed = (torch.tensor(rows), torch.tensor(sl)) if slots.device.type == "cpu" else None
-                made[key] = (variant, rows_t, sl, listed, emulated)
+                made[key] = (variant, rows_t, sl, listed, emulated, {})
             route.setdefault(m, []).append(made[key])
         return route
 
@@ -279,13 +276,13 @@ class QAABank:
         return set(route)
 
     def residual(self, layer, where, h, route):
-        for variant, rows, sl, listed, emulated in route.get((layer, where), ()):
+        for variant, rows, sl, listed, emulated, plans in route.get((layer, where), ()):
             rotation, L = variant
             if emulated:
-                h = self._emulated(layer, where, h, variant, rows, sl, listed, emulated)
+                h = self._emulated(layer, where, h, variant, rows, sl, listed, plans, emulated)
                 continue
             if rotation == "RX" and listed is not None and h.is_contiguous():
-                plan = self._plan(layer, where, variant, listed, h.dtype)
+                plan = self._plan(layer, where, variant, listed, plans, h.dtype)
                 if plan is not None:
                     h = plan(h)
                     continue
@@ -315,11 +312,11 @@ class QAABank:
             h = torch.baddbmm(h.float(), z1, upb.float()).to(h.dtype)  # h + Z W_up^T + b in fp32, rounded once
         return h
 
-    def _emulated(self, layer, where, h, variant, rows, sl, listed, slot):
+    def _emulated(self, layer, where, h, variant, rows, sl, listed, plans, slot):
         rotation, L = variant
         emu, gen, noisy = self.emulated[slot]
         *circuit, upb = self.mods[(layer, where, variant)]
-        plan = self._plan(layer, where, variant, listed, h.dtype) if emu.shots and rotation == "RX" \
+        plan = self._plan(layer, where, variant, listed, plans, h.dtype) if emu.shots and rotation == "RX" \
             and listed is not None and h.is_contiguous() else None
         if plan is not None:
             counter = self.calls[slot]
@@ -334,17 +331,14 @@ class QAABank:
         new = (x.float() + z @ upb[slot, : self.n].float() + upb[slot, self.n].float()).to(h.dtype)  # (B', T, d)
         return new if rows is None else h.index_copy_(0, rows, new)
 
-    def _plan(self, layer, where, variant, listed, dtype):
-        """The fused kernel bound to this module and routing entry, made once per routing
-        (`listed` lives in the route; see cpu_kernels.qaa_rx_plan); None when not usable."""
-        key = (layer, where, variant, id(listed), dtype)
-        held = self.plans.get(key)
-        if held is None or held[0] is not listed:
-            if len(self.plans) >= PLANS_KEPT:  # old routings' plans: this batch's come back at once
-                self.plans.clear()
+    def _plan(self, layer, where, variant, listed, plans: dict, dtype):
+        """The fused kernel bound to this module and routing entry (see cpu_kernels.qaa_rx_plan),
+        made on the entry's first use and kept in it, so it lives as long as the routing;
+        None when not usable."""
+        if (layer, where, dtype) not in plans:
             phase, upb = self.mods[(layer, where, variant)]
-            held = self.plans[key] = (listed, cpu_kernels.qaa_rx_plan(*listed, phase, upb, self.n, variant[1], dtype))
-        return held[1]
+            plans[(layer, where, dtype)] = cpu_kernels.qaa_rx_plan(*listed, phase, upb, self.n, variant[1], dtype)
+        return plans[(layer, where, dtype)]
 
     def _gather(self, key, sl: tuple):
         # decode steps repeat the same batch composition: gather per-row tensors once, and

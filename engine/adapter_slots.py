@@ -39,8 +39,7 @@ class AdapterSlots:
         self.banks: dict = {}
         self.free: dict[str, list[int]] = {}
         self.handles: dict[str, Handle] = {}
-        self.version = 0  # bumped by every load and release: routings built before are stale
-        self.routings: dict = {}  # (version, rows' (bank, slot)) -> BatchSeams | None, the last few
+        self.routings: dict = {}  # (device, rows' (bank, slot)) -> BatchSeams | None, the last few
 
     def bank_of(self, kind: str) -> str:
         return get_type(kind).bank_kind
@@ -76,7 +75,7 @@ class AdapterSlots:
             slot = old.slot  # replace in place; banks check before they clear a slot
         else:
             raise AdapterError(f"all {self.max_adapters} {b} adapter slots are in use")
-        self.version += 1  # before the bank changes: a failed load may have cleared the slot
+        self.routings.clear()  # before the bank changes: a failed load may have cleared the slot
         try:
             bank.load(slot, compiled)
         except BaseException:
@@ -95,7 +94,7 @@ class AdapterSlots:
         self._release(h)
 
     def _release(self, h: Handle) -> None:
-        self.version += 1
+        self.routings.clear()
         self.banks[h.bank].clear(h.slot)
         self.free[h.bank].append(h.slot)
 
@@ -111,10 +110,10 @@ class AdapterSlots:
         Decode steps repeat the same batch composition until a sequence joins or leaves, so
         the last few routings are kept and reused (a BatchSeams is read-only once built) until
         any slot is loaded or cleared."""
-        key = (self.version, device, tuple(None if h is None else (h.bank, h.slot) for h in handles))
+        key = (device, tuple(None if h is None else (h.bank, h.slot) for h in handles))
         if key in self.routings:
             return self.routings[key]
-        if len(self.routings) >= ROUTINGS_KEPT or any(k[0] != self.version for k in self.routings):
+        if len(self.routings) >= ROUTINGS_KEPT:
             self.routings.clear()
         self.routings[key] = seams = self._route(handles, device)
         return seams
