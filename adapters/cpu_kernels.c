@@ -116,11 +116,16 @@ static void read_z(float *p, int64_t N, int64_t n, const int64_t *masks, int64_t
     for (int64_t q = 0; q < n; q++) z[q] = p[masks[q]] * scale;
 }
 
+/* u = WHT(pad(u[:d])): zero the padding after the d values already in u, then transform. */
+static void pad_wht(float *u, int64_t d, int64_t N) {
+    memset(u + d, 0, (N - d) * sizeof(float));
+    fwht(u, N);
+}
+
 /* u = WHT(pad(h_v)), for an fp32 h_v. */
 static void embed_u(const float *hv, int64_t d, int64_t N, float *u) {
     memcpy(u, hv, d * sizeof(float));
-    memset(u + d, 0, (N - d) * sizeof(float));
-    fwht(u, N);
+    pad_wht(u, d, N);
 }
 
 static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, const float *sn,
@@ -139,10 +144,10 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
  * shots > 0: shot emulation (adapters/emulation.py `shot_z`): z is estimated from `shots`
  * outcomes drawn for vector iv from the stream (seed, counter, iv) (see cpu_shots.c); the
  * caller advances counter once per call, so each call and vector has a stream of its own. */
-#define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST, W_, LDW)                                                 \
+#define QAA_RX_RESIDUAL(SUFFIX, T_, LD, ST, W_, LDW)                                                    \
     void qaa_rx_residual_##SUFFIX(T_ *h, int64_t T, int64_t d, const int64_t *rows, const int64_t *slots, \
                                   int64_t v0, int64_t v1, const float *phase, const W_ *upb, int64_t n, \
-                                  const int64_t *masks, int64_t shots, int64_t seed, int64_t counter,    \
+                                  const int64_t *masks, int64_t shots, int64_t seed, int64_t counter,   \
                                   int64_t threads) {                                                    \
         const int64_t N = (int64_t)1 << n;                                                              \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && v1 - v0 >= 2)") \
@@ -154,29 +159,28 @@ static void rx_chain(const float *hv, int64_t d, int64_t N, const float *cs, con
             rng_t g;                                                                                    \
             float *u = work, *re = work + N, *im = work + 2 * N, *y = work + 3 * N;                     \
             const float *cs = phase + slots[i] * 2 * N, *sn = cs + N;                                   \
-            const W_ *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                              \
+            const W_ *w = upb + slots[i] * (n + 1) * d, *b = w + n * d;                                 \
             if (t == 0) { /* this row's circuit and [W_up | b], then the next row's (see prefetch) */   \
                 prefetch(cs, 2 * N * (int64_t)sizeof(float));                                           \
-                prefetch(w, (n + 1) * d * (int64_t)sizeof(W_));                                      \
+                prefetch(w, (n + 1) * d * (int64_t)sizeof(W_));                                         \
                 if (i + 1 < (v1 + T - 1) / T) {                                                         \
                     prefetch(phase + slots[i + 1] * 2 * N, 2 * N * (int64_t)sizeof(float));             \
-                    prefetch(upb + slots[i + 1] * (n + 1) * d, (n + 1) * d * (int64_t)sizeof(W_));   \
+                    prefetch(upb + slots[i + 1] * (n + 1) * d, (n + 1) * d * (int64_t)sizeof(W_));      \
                 }                                                                                       \
             }                                                                                           \
             T_ *hv = h + (rows[i] * T + t) * d;                                                         \
             for (int64_t k = 0; k < d; k++) u[k] = LD(hv, k);                                           \
-            memset(u + d, 0, (N - d) * sizeof(float));                                                 \
-            fwht(u, N);                                                                                 \
+            pad_wht(u, d, N);                                                                           \
             rx_probs_u(N, cs, sn, u, re, im, y);                                                        \
             if (shots > 0) rng_init(&g, (uint64_t)seed, (uint64_t)counter, (uint64_t)iv);               \
-            read_z(y, N, n, masks, shots, &g, tree, pending, z);                                                 \
-            float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                          \
+            read_z(y, N, n, masks, shots, &g, tree, pending, z);                                        \
+            float *acc = re; /* free again: h_v + delta, in fp32 (N >= d) */                            \
             for (int64_t k = 0; k < d; k++) acc[k] = LD(hv, k);                                         \
             for (int64_t q = 0; q < n; q++) {                                                           \
-                const float zq = z[q]; const W_ *wq = w + q * d;                                                 \
-                for (int64_t k = 0; k < d; k++) acc[k] += zq * LDW(wq, k);                                   \
+                const float zq = z[q]; const W_ *wq = w + q * d;                                        \
+                for (int64_t k = 0; k < d; k++) acc[k] += zq * LDW(wq, k);                              \
             }                                                                                           \
-            for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + LDW(b, k));                                   \
+            for (int64_t k = 0; k < d; k++) ST(hv, k, acc[k] + LDW(b, k));                              \
         }                                                                                               \
     }
 QAA_RX_RESIDUAL(f32, float, ld_f32, st_f32, float, ld_f32)
@@ -192,44 +196,44 @@ QAA_RX_RESIDUAL(bf16_w16, bf16, ld_bf16, st_bf16, bf16, ld_bf16)
  * fp32 or bf16 (T_), the bank's A and Bt fp32 or bf16 (W_); the dot products and the sum over
  * k run in fp32, and y[b, t] is rounded once, when written. Variants: _f32 (all fp32), _bf16
  * (all bf16), _bf16_w32 (bf16 activations, fp32 bank). */
-#define LORA_DELTA(SUFFIX, T_, LD, ST, W_, LDW)                                                      \
-    void lora_delta_##SUFFIX(T_ *y, int64_t ys0, int64_t ys1, const T_ *x, int64_t xs0, int64_t xs1,      \
+#define LORA_DELTA(SUFFIX, T_, LD, ST, W_, LDW)                                                         \
+    void lora_delta_##SUFFIX(T_ *y, int64_t ys0, int64_t ys1, const T_ *x, int64_t xs0, int64_t xs1,    \
                              int64_t T, int64_t din, int64_t dout, const int64_t *rows, const int64_t *slots, \
-                             int64_t n_rows, const int64_t *ranks, const W_ *A, const W_ *Bt, int64_t R,  \
-                             int64_t threads) {                                                           \
+                             int64_t n_rows, const int64_t *ranks, const W_ *A, const W_ *Bt, int64_t R, \
+                             int64_t threads) {                                                         \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n_rows * T >= 8)") \
-        for (int64_t iv = 0; iv < n_rows * T; iv++) {                                                     \
-            const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];                             \
-            if (r == 0) continue;                                                                         \
-            const W_ *a = A + s * R * din, *bt = Bt + s * R * dout;                                       \
+        for (int64_t iv = 0; iv < n_rows * T; iv++) {                                                   \
+            const int64_t i = iv / T, t = iv % T, s = slots[i], r = ranks[s];                           \
+            if (r == 0) continue;                                                                       \
+            const W_ *a = A + s * R * din, *bt = Bt + s * R * dout;                                     \
             if (t == 0) { /* this row's factors, then the next row's, requested at once (see prefetch) */ \
-                prefetch(a, r * din * (int64_t)sizeof(W_));                                               \
-                prefetch(bt, r * dout * (int64_t)sizeof(W_));                                             \
-                if (i + 1 < n_rows) {                                                                     \
-                    const int64_t s1 = slots[i + 1], r1 = ranks[s1];                                      \
-                    prefetch(A + s1 * R * din, r1 * din * (int64_t)sizeof(W_));                           \
-                    prefetch(Bt + s1 * R * dout, r1 * dout * (int64_t)sizeof(W_));                        \
-                }                                                                                         \
-            }                                                                                             \
-            const T_ *xv = x + rows[i] * xs0 + t * xs1;                                                   \
-            T_ *yv = y + rows[i] * ys0 + t * ys1;                                                         \
-            float tmp[256], xf[din], acc[dout];                                                           \
-            for (int64_t j = 0; j < din; j++) xf[j] = LD(xv, j);                                          \
-            for (int64_t k = 0; k < r; k++) {                                                             \
-                const W_ *ak = a + k * din;                                                               \
-                float s_ = 0.0f;                                                                          \
-                _Pragma("omp simd reduction(+ : s_)")                                                    \
-                for (int64_t j = 0; j < din; j++) s_ += xf[j] * LDW(ak, j);                               \
-                tmp[k] = s_;                                                                              \
-            }                                                                                             \
-            for (int64_t j = 0; j < dout; j++) acc[j] = LD(yv, j);                                        \
-            for (int64_t k = 0; k < r; k++) {                                                             \
-                const float c = tmp[k];                                                                   \
-                const W_ *bk = bt + k * dout;                                                             \
-                for (int64_t j = 0; j < dout; j++) acc[j] += c * LDW(bk, j);                              \
-            }                                                                                             \
-            for (int64_t j = 0; j < dout; j++) ST(yv, j, acc[j]);                                         \
-        }                                                                                                 \
+                prefetch(a, r * din * (int64_t)sizeof(W_));                                             \
+                prefetch(bt, r * dout * (int64_t)sizeof(W_));                                           \
+                if (i + 1 < n_rows) {                                                                   \
+                    const int64_t s1 = slots[i + 1], r1 = ranks[s1];                                    \
+                    prefetch(A + s1 * R * din, r1 * din * (int64_t)sizeof(W_));                         \
+                    prefetch(Bt + s1 * R * dout, r1 * dout * (int64_t)sizeof(W_));                      \
+                }                                                                                       \
+            }                                                                                           \
+            const T_ *xv = x + rows[i] * xs0 + t * xs1;                                                 \
+            T_ *yv = y + rows[i] * ys0 + t * ys1;                                                       \
+            float tmp[256], xf[din], acc[dout];                                                         \
+            for (int64_t j = 0; j < din; j++) xf[j] = LD(xv, j);                                        \
+            for (int64_t k = 0; k < r; k++) {                                                           \
+                const W_ *ak = a + k * din;                                                             \
+                float s_ = 0.0f;                                                                        \
+                _Pragma("omp simd reduction(+ : s_)")                                                   \
+                for (int64_t j = 0; j < din; j++) s_ += xf[j] * LDW(ak, j);                             \
+                tmp[k] = s_;                                                                            \
+            }                                                                                           \
+            for (int64_t j = 0; j < dout; j++) acc[j] = LD(yv, j);                                      \
+            for (int64_t k = 0; k < r; k++) {                                                           \
+                const float c = tmp[k];                                                                 \
+                const W_ *bk = bt + k * dout;                                                           \
+                for (int64_t j = 0; j < dout; j++) acc[j] += c * LDW(bk, j);                            \
+            }                                                                                           \
+            for (int64_t j = 0; j < dout; j++) ST(yv, j, acc[j]);                                       \
+        }                                                                                               \
     }
 LORA_DELTA(f32, float, ld_f32, st_f32, float, ld_f32)
 LORA_DELTA(bf16, bf16, ld_bf16, st_bf16, bf16, ld_bf16)
