@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -26,6 +27,21 @@ def cache_root() -> Path:
     kernels): $QAA_CACHE_DIR, else ~/.cache/qaa-serve."""
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "qaa-serve"
+
+
+@lru_cache(maxsize=1)
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags(text: str) -> str:
+    """The first `flags` line of a /proc/cpuinfo text ("" if it has none): what the CPU can do
+    (the kernels' build key, the default dtype)."""
+    return next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
 
 
 class AdapterError(ValueError):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.base import cache_root
+from adapters.base import cache_root, cpu_flags, cpuinfo
 from adapters.circuit import readout
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -55,11 +55,7 @@ LORA_VARIANTS = {(torch.float32, torch.float32): "f32", (torch.bfloat16, torch.b
 
 def _cpu_id() -> str:
     # -march=native code must not be reused on another CPU sharing the cache directory
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((ln for ln in info.splitlines() if ln.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.machine() + platform.processor()
+    return (cpu_flags(cpuinfo()) if cpuinfo() else platform.machine()) + platform.processor()
 
 
 @lru_cache(maxsize=1)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from adapters.base import Capacity
+from adapters.base import Capacity, cpu_flags, cpuinfo as read_cpuinfo
 from engine.adapter_slots import AdapterSlots, Handle
 from engine.constraints import Grammars
 from engine.errors import InputError, QaaError
@@ -36,21 +35,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-@lru_cache(maxsize=1)
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags to read, so no claim of native bf16
-        return ""
-
-
 def cpu_bf16(cpuinfo: str | None = None) -> str | None:
     """This CPU's native bf16 support, from /proc/cpuinfo's flags (or the `cpuinfo` text given):
     "amx" (AMX-BF16 tile matmuls, Sapphire Rapids and later), "avx512_bf16" (bf16 dot-product
     instructions, e.g. Cooper Lake, Zen 4), or None. oneDNN, behind torch's bf16 GEMMs on the
     CPU, uses either; without them bf16 is emulated and slower than fp32."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    line = cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)  # none (not Linux): no claim of bf16
     flags = set(line.partition(":")[2].split())
     if "amx_bf16" in flags:
         return "amx"
