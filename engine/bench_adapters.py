@@ -1,7 +1,7 @@
 """Decode-step cost of a mixed-adapter batch through the engine (a script, not a test).
 
     python -m engine.bench_adapters [--model PATH] [--steps 20] [--repeats 5] [--constrained] [--compile]
-                                    [--rows 16 --dtype bfloat16]
+                                    [--rows 16 --dtype bfloat16] [--cold]
 
 8 rows, 8 different adapters of mixed types (LoRA, SoRA, prefix, QAA RX and RY) vs the same
 batch with no adapters, on the default model; best of --repeats alternating runs. With
@@ -10,6 +10,8 @@ json_schema) vs unconstrained, per decode step. With --compile: each of the two 
 through the compiled static step (engine.graph; compiled before timing), all four alternating.
 With --rows N: N rows instead, in turn LoRA r=8 and SoRA r=8 on q/v, a 30-token prefix and a
 default QAA (server.bench's mix, one adapter per row), in --dtype (default: the engine's auto).
+With --cold: instead, what one seam call of the 16-row mix costs repeated at once vs right after
+one layer's MLP GEMMs, beside a tiny torch op and a Python call (bench_cold).
 """
 
 from __future__ import annotations
@@ -34,21 +36,17 @@ LONG_SCHEMAS = [
 ]
 
 
-def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, compile: bool = False,
-                rows: int | None = None, dtype: str = "auto"):
+def _load_mix(engine, rows: int | None) -> list[str]:
+    """Load the benchmark's adapters into the engine, random weights; returns their names.
+    rows None: 8 adapters of every type and shape; rows N: N adapters of server.bench's mix
+    (LoRA r=8 and SoRA r=8 on q/v, a 30-token prefix, a default QAA, in turn)."""
     from adapters.base import Adapter
     from adapters.lora import LoraConfig
     from adapters.prefix import PrefixConfig
     from adapters.qaa import QAAConfig
     from adapters.registry import get_type
     from adapters.sora import SoraConfig
-    from engine.bench import PROMPTS
-    from engine.engine import Engine
-    from engine.sampling import SamplingParams
-    from engine.steps import decode, prefill
 
-    B = rows or 8
-    engine = Engine(model, device="cpu", dtype=dtype, max_batch=B, max_seq_len=256, max_adapters=B, compile=compile)
     configs = [("lora", LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
                ("lora", LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
                ("sora", SoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
@@ -70,6 +68,19 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
         tensors = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in t.init(cfg, engine.shape, g).items()}
         engine.load_adapter(f"a{i}", Adapter(kind, cfg, tensors, engine.shape))
         names.append(f"a{i}")
+    return names
+
+
+def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, compile: bool = False,
+                rows: int | None = None, dtype: str = "auto"):
+    from engine.bench import PROMPTS
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+    from engine.steps import decode, prefill
+
+    B = rows or 8
+    engine = Engine(model, device="cpu", dtype=dtype, max_batch=B, max_seq_len=256, max_adapters=B, compile=compile)
+    names = _load_mix(engine, rows)
 
     grammars = [engine.grammars.json(s) for s in LONG_SCHEMAS] if constrained else [None] * B
 
@@ -116,6 +127,44 @@ def bench_mixed(model, steps: int, repeats: int, constrained: bool = False, comp
               f"mixed={m / cm:.2f}x")
 
 
+def bench_cold(model, dtype: str = "auto", calls: int = 300):
+    """What one adapter seam call costs inside a step: each probe timed alone, repeated at once
+    ("hot"), and right after one layer's MLP on 16 rows ("after GEMMs": its weights, 5 MB in
+    bf16, stream through the 2 MB L2 as every layer's GEMMs do). Medians of `calls` calls."""
+    from engine.engine import Engine
+
+    engine = Engine(model, device="cpu", dtype=dtype, max_batch=16, max_seq_len=256, max_adapters=16)
+    names = _load_mix(engine, 16)
+    seams = engine.adapters.seams_for([engine.adapters.get(n) for n in names], engine.device)
+    d, dt = engine.shape.dim, engine.dtype
+    g = torch.Generator().manual_seed(0)
+    h, x, y, xm = (torch.randn(16, 1, d, generator=g).to(dt) for _ in range(4))
+    mlp, tiny = engine.model.model.layers[3].mlp, torch.zeros(4)
+
+    def gemms():
+        with torch.inference_mode():
+            mlp(xm, None)
+
+    def median_us(fn, before=None):
+        ts = []
+        for _ in range(calls):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2] * 1e6
+
+    probes = {"LoRA seam, q_proj, 8 rows (LoRA + SoRA)": lambda: seams.linear(5, "q_proj", x, y),
+              "QAA seam, attention residual, 4 rows": lambda: seams.residual(5, "attn", h),
+              "a torch op on 4 floats (tensor.add_)": lambda: tiny.add_(1.0),
+              "a Python call (sum(range(50)))": lambda: sum(range(50))}
+    print(f"one call, dtype={engine.dtype}, threads={torch.get_num_threads()}, median of {calls}: hot us | after GEMMs us")
+    for what, fn in probes.items():
+        print(f"  {what:42s} {median_us(fn):7.1f} | {median_us(fn, gemms):7.1f}", flush=True)
+    print(f"  (one layer's MLP alone: {median_us(gemms):.0f} us)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -125,10 +174,13 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also through the compiled step (see above)")
     ap.add_argument("--rows", type=int, default=None, help="rows of server.bench's adapter mix (see above)")
     ap.add_argument("--dtype", default="auto", help="the engine's dtype (auto, float32, bfloat16)")
+    ap.add_argument("--cold", action="store_true", help="one seam call hot vs right after a layer's GEMMs (see above)")
     args = ap.parse_args(argv)
     if args.constrained and args.rows:
         ap.error("--constrained uses its 8 schemas: leave --rows out")
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    if args.cold:
+        return bench_cold(args.model, args.dtype)
     bench_mixed(args.model, args.steps, args.repeats, args.constrained, args.compile, args.rows, args.dtype)
 
 
