@@ -13,19 +13,25 @@ multinomial sample of N outcomes (cpu_shots.c: a binary tree of binomial splits,
 adapter, call and vector) and <Z> read from those counts, then the up-projection.
 
 They are compiled once per machine with the system C compiler ($CC, else `cc`) into
-$QAA_CACHE_DIR/kernels (a file named by the hash of the source, flags and CPU) and loaded
-with ctypes, which releases the GIL during a call. Without a compiler, or with
-QAA_CPU_KERNEL=0, `library()` is None and the banks keep their torch paths (the references
-these kernels are tested against).
+$QAA_CACHE_DIR/kernels (a file named by the hash of the sources, flags and CPU) and loaded
+with ctypes. Where Python's headers are here, the same file is also a CPython extension
+(cpu_entry.c): the serving kernels bound by `lora_plan` and `qaa_rx_plan` are called through
+it, at a fraction of a ctypes call's cost in a decode step (see cpu_entry.c; QAA_CPU_ENTRY=0
+turns it off). Without a compiler, or with QAA_CPU_KERNEL=0, `library()` is None and the
+banks keep their torch paths (the references these kernels are tested against).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import subprocess
+import sysconfig
 import tempfile
 import warnings
 from functools import lru_cache
@@ -39,6 +45,8 @@ from adapters.circuit import readout
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 SOURCES = [SOURCE, SOURCE.with_name("cpu_shots.c")]
 HEADERS = [SOURCE.with_name("cpu_shots.h")]
+ENTRY = SOURCE.with_name("cpu_entry.c")
+ENTRY_SWITCH = "QAA_CPU_ENTRY"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 ENV_SWITCH = "QAA_CPU_KERNEL"
 MAX_TOKENS = 64
@@ -58,14 +66,23 @@ def _cpu_id() -> str:
     return (cpu_flags(cpuinfo()) if cpuinfo() else platform.machine()) + platform.processor()
 
 
+def _python_include() -> str | None:
+    """Where Python.h is, when this interpreter's headers are installed."""
+    inc = sysconfig.get_paths().get("include")
+    return inc if inc and Path(inc, "Python.h").is_file() else None
+
+
 @lru_cache(maxsize=1)
 def library():
     """The loaded shared library (argument types set), or None when it cannot be had here."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     cc = os.environ.get("CC", "cc")
-    texts = [f.read_text() for f in SOURCES + HEADERS]
-    digest = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    inc = _python_include()
+    sources = SOURCES + ([ENTRY] if inc else [])
+    flags = FLAGS + (["-I", inc] if inc else [])
+    texts = [f.read_text() for f in sources + HEADERS]
+    digest = hashlib.sha256("\0".join([*texts, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"cpu_kernels-{digest}.so"
     try:
         if not lib.exists():
@@ -73,7 +90,7 @@ def library():
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
             try:  # build beside the target and rename: concurrent builders never see half a file
-                subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True,
+                subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), "-lm"], check=True, capture_output=True,
                                timeout=120)
                 os.replace(tmp, lib)
             finally:
@@ -98,6 +115,33 @@ def library():
         f = getattr(so, name)
         f.argtypes, f.restype = types, None
     return so
+
+
+@lru_cache(maxsize=1)
+def entry():
+    """The library's CPython entry module (cpu_entry.c), or None: no library, no Python headers
+    when it was built, or QAA_CPU_ENTRY=0. The kernels it calls are the library's own."""
+    so = library()
+    if so is None or os.environ.get(ENTRY_SWITCH, "1") == "0":
+        return None
+    try:
+        getattr(so, "PyInit_qaa_cpu_entry")
+    except AttributeError:
+        return None  # built without Python's headers
+    loader = importlib.machinery.ExtensionFileLoader("qaa_cpu_entry", so._name)
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader("qaa_cpu_entry", loader))
+    loader.exec_module(mod)
+    return mod
+
+
+def _kernel(family: str, variant: str):
+    """A callable running `{family}_{variant}` on its arguments given as ints (pointers as
+    addresses): through the entry module where there is one, else through ctypes."""
+    mod = entry()
+    if mod is None:
+        return getattr(library(), f"{family}_{variant}")
+    call, variants = (mod.lora, mod.lora_variants) if family == "lora_delta" else (mod.qaa, mod.qaa_variants)
+    return functools.partial(call, variants.index(variant))
 
 
 @lru_cache(maxsize=None)
@@ -135,18 +179,21 @@ def qaa_rx_plan(rows: torch.Tensor, slots: torch.Tensor, phase: torch.Tensor, up
     assert phase.dtype == torch.float32 and upb.dtype in (torch.float32, dtype)
     if dtype not in SUFFIX or library() is None:
         return None
-    name = f"qaa_rx_residual_{SUFFIX[dtype]}" + ("_w16" if upb.dtype == torch.bfloat16 else "")
-    fn, m, R = getattr(library(), name), masks(n, L), rows.numel()
+    fn = _kernel("qaa_rx_residual", SUFFIX[dtype] + ("_w16" if upb.dtype == torch.bfloat16 else ""))
+    m, R = masks(n, L), rows.numel()
     fixed = (rows.data_ptr(), slots.data_ptr(), 0)
     tail = (phase.data_ptr(), upb.data_ptr(), n, m.data_ptr())
-    held = (rows, slots, phase, upb, m)  # the pointers above stay valid while the plan lives
+    held = (rows, slots, phase, upb, m)
 
     def plan(h: torch.Tensor, shots: int = 0, seed: int = 0, counter: int = 0, threads: int | None = None):
-        assert h.dtype == dtype and h.is_contiguous() and h.device.type == "cpu" and held
-        fn(h.data_ptr(), h.shape[1], h.shape[2], *fixed, R * h.shape[1], *tail, shots, seed, counter,
-           threads or torch.get_num_threads())
+        # as few questions to h as it takes to be safe: in a step each one is a cold call
+        if h.dtype != dtype or not h.is_contiguous():
+            raise TypeError(f"qaa_rx plan for contiguous {dtype} activations, given {h.dtype}")
+        _, T, d = h.shape
+        fn(h.data_ptr(), T, d, *fixed, R * T, *tail, shots, seed, counter, threads or torch.get_num_threads())
         return h
 
+    plan.held = held  # the pointers bound above stay valid while the plan lives
     return plan
 
 
@@ -174,16 +221,19 @@ def lora_plan(rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, A: t
     assert rows.is_contiguous() and slots.is_contiguous() and ranks.is_contiguous()
     if (dtype, A.dtype) not in LORA_VARIANTS or library() is None:
         return None
-    fn = getattr(library(), f"lora_delta_{LORA_VARIANTS[(dtype, A.dtype)]}")
+    fn = _kernel("lora_delta", LORA_VARIANTS[(dtype, A.dtype)])
     fixed = (rows.data_ptr(), slots.data_ptr(), rows.numel(), ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1])
     held = (rows, slots, ranks, A, Bt)
 
     def plan(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        assert x.dtype == y.dtype == dtype and x.stride(-1) == y.stride(-1) == 1 and x.device.type == "cpu" and held
-        fn(y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1), x.shape[1], x.shape[2],
-           y.shape[2], *fixed, torch.get_num_threads())
+        # as few questions to x and y as it takes to be safe: in a step each one is a cold call
+        (_, T, din), (ys0, ys1, y1), (xs0, xs1, x1) = x.shape, y.stride(), x.stride()
+        if x.dtype != dtype or y.dtype != dtype or x1 != 1 or y1 != 1:
+            raise TypeError(f"lora plan for {dtype} activations with contiguous last dims, given {x.dtype}, {y.dtype}")
+        fn(y.data_ptr(), ys0, ys1, x.data_ptr(), xs0, xs1, T, din, y.shape[2], *fixed, torch.get_num_threads())
         return y
 
+    plan.held = held  # the pointers bound above stay valid while the plan lives
     return plan
 
 

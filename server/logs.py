@@ -108,7 +108,7 @@ def kernel_state(device, dtype) -> str:
         return f"unavailable, torch path ({why})"
     path = Path(lib._name)
     how = "loaded" if path in before else f"built in {time.perf_counter() - t0:.1f}s"
-    return f"{how} {path}"
+    return f"{how} {path}, called through {'ctypes' if cpu_kernels.entry() is None else 'its CPython entry'}"
 
 
 LIMIT_OPTIONS = ("max_request_bytes", "max_stop", "max_stop_chars", "max_lora_rank", "max_circuit_layers",

@@ -120,3 +120,85 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         assert not list((tmp_path / "kernels").glob("*"))  # no half-built file left behind
     finally:
         cpu_kernels.library.cache_clear()
+
+
+# --- the CPython entry (cpu_entry.c) and its ctypes fallback ----------------------------------
+
+def _serving_calls(dtype):
+    """Both serving kernels through their plans on one set of inputs: (LoRA's y, QAA's h)."""
+    g = torch.Generator().manual_seed(7)
+    S, R, d, n, L = 3, 8, 100, 7, 2
+    A, Bt = torch.randn(S, R, d, generator=g).to(dtype), torch.randn(S, R, d, generator=g).to(dtype)
+    ranks, rows, slots = torch.tensor([0, 8, 5]), torch.tensor([2, 0]), torch.tensor([1, 2])
+    x = torch.randn(3, 4, d, generator=g).to(dtype)
+    y = torch.randn(3, 4, d, generator=g).to(dtype)
+    cpu_kernels.lora_plan(rows, slots, ranks, A, Bt, dtype)(y, x)
+    phase = torch.stack([compile_circuit(torch.rand(L, n, generator=g) * 6.3, "RX") for _ in range(S)])
+    upb = torch.randn(S, n + 1, d, generator=g).to(dtype)
+    h = torch.randn(3, 4, d, generator=g).to(dtype)
+    cpu_kernels.qaa_rx_plan(rows, slots, phase, upb, n, L, dtype)(h)
+    return y, h
+
+
+@pytest.fixture
+def ctypes_only(monkeypatch):
+    """The plans bound through ctypes, as where the library was built without Python's headers."""
+    monkeypatch.setenv(cpu_kernels.ENTRY_SWITCH, "0")
+    cpu_kernels.entry.cache_clear()
+    yield
+    monkeypatch.delenv(cpu_kernels.ENTRY_SWITCH)
+    cpu_kernels.entry.cache_clear()
+
+
+def test_the_entry_is_built_where_pythons_headers_are(lib):
+    if cpu_kernels._python_include() is None:
+        pytest.skip("no Python.h for this interpreter: the plans call the kernels through ctypes")
+    mod = cpu_kernels.entry()
+    assert mod is not None, "Python's headers are here and the entry did not build"
+    assert set(mod.lora_variants) == set(cpu_kernels.LORA_VARIANTS.values())
+    assert set(mod.qaa_variants) == {"f32", "bf16", "bf16_w16"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_entry_and_ctypes_give_the_same_bits(lib, dtype, request):
+    via_entry = _serving_calls(dtype)
+    request.getfixturevalue("ctypes_only")
+    assert cpu_kernels.entry() is None
+    via_ctypes = _serving_calls(dtype)
+    for a, b in zip(via_entry, via_ctypes):
+        assert torch.equal(a, b)
+
+
+def test_entry_refuses_wrong_calls_before_touching_memory(lib):
+    mod = cpu_kernels.entry()
+    if mod is None:
+        pytest.skip("built without Python's headers")
+    with pytest.raises(TypeError, match="lora takes 18 integer arguments"):
+        mod.lora(0, 1, 2)
+    with pytest.raises(ValueError, match="qaa: no variant 7"):
+        mod.qaa(7, *[0] * 15)
+    with pytest.raises(TypeError):
+        mod.qaa(0, *["0"] * 15)
+
+
+def test_plans_refuse_activations_of_another_dtype(lib):
+    A = torch.zeros(2, 4, 8)
+    plan = cpu_kernels.lora_plan(torch.tensor([0]), torch.tensor([1]), torch.tensor([0, 4]), A, A.clone(), torch.float32)
+    with pytest.raises(TypeError, match="lora plan"):
+        plan(torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 8, dtype=torch.bfloat16))
+
+
+def test_without_pythons_headers_the_library_still_serves_through_ctypes(monkeypatch, tmp_path, lib):
+    monkeypatch.setattr(cpu_kernels, "_python_include", lambda: None)
+    monkeypatch.setenv("QAA_CACHE_DIR", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    cpu_kernels.entry.cache_clear()
+    try:
+        assert cpu_kernels.library() is not None and cpu_kernels.entry() is None
+        got = _serving_calls(torch.float32)
+    finally:
+        cpu_kernels.library.cache_clear()
+        cpu_kernels.entry.cache_clear()
+    want = _serving_calls(torch.float32)  # the usual library, through the entry where it is built
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
