@@ -224,13 +224,17 @@ def lora_plan(rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, A: t
     fn = _kernel("lora_delta", LORA_VARIANTS[(dtype, A.dtype)])
     fixed = (rows.data_ptr(), slots.data_ptr(), rows.numel(), ranks.data_ptr(), A.data_ptr(), Bt.data_ptr(), A.shape[1])
     held = (rows, slots, ranks, A, Bt)
+    din, dout, item = A.shape[2], Bt.shape[2], torch.empty(0, dtype=dtype).element_size()
 
-    def plan(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def plan(y: torch.Tensor, x: torch.Tensor, col: int = 0) -> torch.Tensor:
+        """Adds into y[..., col : col + dout] (y may be a fused q|k|v output)."""
         # as few questions to x and y as it takes to be safe: in a step each one is a cold call
-        (_, T, din), (ys0, ys1, y1), (xs0, xs1, x1) = x.shape, y.stride(), x.stride()
+        (B, T, dx), (By, Ty, dy), (ys0, ys1, y1), (xs0, xs1, x1) = x.shape, y.shape, y.stride(), x.stride()
         if x.dtype != dtype or y.dtype != dtype or x1 != 1 or y1 != 1:
             raise TypeError(f"lora plan for {dtype} activations with contiguous last dims, given {x.dtype}, {y.dtype}")
-        fn(y.data_ptr(), ys0, ys1, x.data_ptr(), xs0, xs1, T, din, y.shape[2], *fixed, torch.get_num_threads())
+        if dx != din or (By, Ty) != (B, T) or not 0 <= col <= dy - dout:
+            raise ValueError(f"lora plan for ({din} -> {dout}) columns {col}.. of x {tuple(x.shape)}, y {tuple(y.shape)}")
+        fn(y.data_ptr() + col * item, ys0, ys1, x.data_ptr(), xs0, xs1, T, din, dout, *fixed, torch.get_num_threads())
         return y
 
     plan.held = held  # the pointers bound above stay valid while the plan lives

@@ -314,7 +314,9 @@ class LoraBank:
         used = set(route.slots) - {0}
         return {key for key, ranks in self.ranks.items() if any(ranks[s] for s in used)}
 
-    def linear(self, layer, name, x, y, route):
+    def linear(self, layer, name, x, y, route, col=None, width=None):
+        """Adds this module's deltas into y in place and returns it; with `col`, y is a wider
+        output whose columns col..col + width are this module's (a fused q|k|v)."""
         ranks = self.ranks.get((layer, name))
         if ranks is None:
             return y
@@ -325,7 +327,10 @@ class LoraBank:
                 plan = route.plans[(layer, name)] = cpu_kernels.lora_plan(
                     *route.listed, self.rank_t[(layer, name)], *self.mods[(layer, name)], x.dtype)
             if plan is not None:
-                return plan(y, x)
+                return plan(y, x, col or 0)
+        if col is not None:
+            self.linear(layer, name, x, y[..., col : col + width], route)
+            return y
         rows, sl, active = route.select(ranks)
         if not active:
             return y

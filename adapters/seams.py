@@ -66,6 +66,14 @@ class BatchSeams:
             y = bank.linear(layer, name, x, y, route)
         return y
 
+    def linear_columns(self, layer, cols, x, y):
+        """`linear` for projections whose outputs are column ranges of one wider y (a fused
+        q|k|v): cols [(name, first column, width)]; the banks add into y in place."""
+        for name, col, width in cols:
+            if (layer, name) in self.active:
+                for bank, route in self.lin:
+                    bank.linear(layer, name, x, y, route, col, width)
+
     def residual(self, layer, where, h):
         if (layer, where) not in self.active:
             return h

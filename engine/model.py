@@ -160,6 +160,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+        self.qkv_columns = (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv))
+        """(projection, first column, width) of q, k and v in the fused output."""
         self.register_buffer("qkv_wt", None, persistent=False)
         self.register_buffer("qkv_b", None, persistent=False)
         self.qkv_packed = None
@@ -172,12 +175,15 @@ class Attention(nn.Module):
         return frozen_matmul(x, self.qkv_wt, self.qkv_b, self.qkv_packed)
 
     def adapt_fused(self, x, y, seams):
-        """Seams around q, k and v, applied to the column slices of the fused output. Slot banks
-        add into the slices in place (y is returned as is); seams that return new tensors
-        (training's differentiable forward) are concatenated again."""
-        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-        parts = y.split(sizes, -1)
-        outs = [seams.linear(self.layer, n, x, p) for n, p in zip(("q_proj", "k_proj", "v_proj"), parts)]
+        """Seams around q, k and v on the fused output's columns. Slot banks add into their
+        column ranges in place (`linear_columns`: no split, which in a decode step cost as much
+        as the adapters' kernels); seams that return new tensors (training's differentiable
+        forward) get the slices, which are concatenated again."""
+        if hasattr(seams, "linear_columns"):
+            seams.linear_columns(self.layer, self.qkv_columns, x, y)
+            return y
+        parts = [y[..., c : c + w] for _, c, w in self.qkv_columns]
+        outs = [seams.linear(self.layer, n, x, p) for (n, _, _), p in zip(self.qkv_columns, parts)]
         return y if all(o is p for o, p in zip(outs, parts)) else torch.cat(outs, -1)
 
     def proj(self, name, x, seams):

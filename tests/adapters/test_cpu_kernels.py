@@ -202,3 +202,26 @@ def test_without_pythons_headers_the_library_still_serves_through_ctypes(monkeyp
     want = _serving_calls(torch.float32)  # the usual library, through the entry where it is built
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_lora_plan_adds_into_a_column_range_and_checks_it(lib, dtype):
+    """plan(y, x, col) on a fused q|k|v output == the kernel on the column slice, bit for bit,
+    columns outside untouched; a range or shape that does not fit is refused, not written."""
+    g = torch.Generator().manual_seed(3)
+    S, R, din, dout = 3, 8, 48, 40
+    A, Bt = torch.randn(S, R, din, generator=g).to(dtype), torch.randn(S, R, dout, generator=g).to(dtype)
+    ranks, rows, slots = torch.tensor([0, 8, 4]), torch.tensor([0, 2]), torch.tensor([2, 1])
+    x = torch.randn(3, 1, din, generator=g).to(dtype)
+    wide = torch.randn(3, 1, dout + 30, generator=g).to(dtype)
+    want = wide.clone()
+    cpu_kernels.lora_(want[..., 10 : 10 + dout], x, rows, slots, ranks, A, Bt)
+    plan = cpu_kernels.lora_plan(rows, slots, ranks, A, Bt, dtype)
+    got = plan(wide.clone(), x, 10)
+    assert torch.equal(got, want) and not torch.equal(got, wide)
+    before = wide.clone()
+    for bad in (lambda: plan(wide, x, 31), lambda: plan(wide, x, -1), lambda: plan(wide[:2], x, 0),
+                lambda: plan(wide, x[..., :40], 0)):
+        with pytest.raises(ValueError, match="lora plan"):
+            bad()
+    assert torch.equal(wide, before)
