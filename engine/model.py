@@ -161,8 +161,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
         q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+        # (projection, first column, width) of q, k and v in the fused output; a plain tuple:
+        # read every layer of every step, where nn.Module's attribute lookups cost
         self.qkv_columns = (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv))
-        """(projection, first column, width) of q, k and v in the fused output."""
         self.register_buffer("qkv_wt", None, persistent=False)
         self.register_buffer("qkv_b", None, persistent=False)
         self.qkv_packed = None
