@@ -124,9 +124,7 @@ def entry():
     so = library()
     if so is None or os.environ.get(ENTRY_SWITCH, "1") == "0":
         return None
-    try:
-        getattr(so, "PyInit_qaa_cpu_entry")
-    except AttributeError:
+    if not hasattr(so, "PyInit_qaa_cpu_entry"):
         return None  # built without Python's headers
     loader = importlib.machinery.ExtensionFileLoader("qaa_cpu_entry", so._name)
     mod = importlib.util.module_from_spec(importlib.util.spec_from_loader("qaa_cpu_entry", loader))

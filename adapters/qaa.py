@@ -281,11 +281,10 @@ class QAABank:
             if emulated:
                 h = self._emulated(layer, where, h, variant, rows, sl, listed, plans, emulated)
                 continue
-            if rotation == "RX" and listed is not None and h.is_contiguous():
-                plan = self._plan(layer, where, variant, listed, plans, h.dtype)
-                if plan is not None:
-                    h = plan(h)
-                    continue
+            plan = self._plan(layer, where, variant, listed, plans, h)
+            if plan is not None:
+                h = plan(h)
+                continue
             *circuit, upb = self._gather((layer, where, variant), sl)
             x = h if rows is None else h[rows]  # (B', T, d)
             compiled = circuit[0] if rotation == "RX" else circuit
@@ -316,8 +315,7 @@ class QAABank:
         rotation, L = variant
         emu, gen, noisy = self.emulated[slot]
         *circuit, upb = self.mods[(layer, where, variant)]
-        plan = self._plan(layer, where, variant, listed, plans, h.dtype) if emu.shots and rotation == "RX" \
-            and listed is not None and h.is_contiguous() else None
+        plan = self._plan(layer, where, variant, listed, plans, h) if emu.shots else None
         if plan is not None:
             counter = self.calls[slot]
             self.calls[slot] = counter + 1
@@ -331,10 +329,14 @@ class QAABank:
         new = (x.float() + z @ upb[slot, : self.n].float() + upb[slot, self.n].float()).to(h.dtype)  # (B', T, d)
         return new if rows is None else h.index_copy_(0, rows, new)
 
-    def _plan(self, layer, where, variant, listed, plans: dict, dtype):
-        """The fused kernel bound to this module and routing entry (see cpu_kernels.qaa_rx_plan),
-        made on the entry's first use and kept in it, so it lives as long as the routing;
-        None when not usable."""
+    def _plan(self, layer, where, variant, listed, plans: dict, h):
+        """The fused kernel bound to this module and routing entry (see cpu_kernels.qaa_rx_plan)
+        for h, made on the entry's first use and kept in it, so it lives as long as the routing;
+        None when it cannot serve: an RY circuit, a routing off the CPU, a non-contiguous h, a
+        dtype it does not take."""
+        if variant[0] != "RX" or listed is None or not h.is_contiguous():
+            return None
+        dtype = h.dtype
         if (layer, where, dtype) not in plans:
             phase, upb = self.mods[(layer, where, variant)]
             plans[(layer, where, dtype)] = cpu_kernels.qaa_rx_plan(*listed, phase, upb, self.n, variant[1], dtype)
